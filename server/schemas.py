@@ -1,0 +1,194 @@
+"""Pydantic schemas of the REST API: the contract between the client hook, the server and the pages.
+
+Floats: NaN and +/-Infinity are real values here (an exploding gradient is data, not an error).
+JSON has no literal for them, so the API accepts either JSON numbers or the strings "NaN",
+"Infinity" and "-Infinity", and always *emits* those strings for non-finite values.
+`None`/missing means "not measured".
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Metric = float | None
+
+
+class ApiModel(BaseModel):
+    # 'strings' makes NaN/Inf serialise as "NaN"/"Infinity"/"-Infinity" instead of null.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+class RunStatus(str, Enum):
+    running = "running"
+    finished = "finished"
+    failed = "failed"
+    crashed = "crashed"
+
+
+class RunCreate(ApiModel):
+    """POST /api/runs. With an `id` that already exists the run is resumed (idempotent create)."""
+
+    id: uuid.UUID | None = None
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    project: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "default"
+    tasks: list[TaskName] = Field(min_length=1, description="Ordered, unique task names.")
+    config: dict[str, Any] = Field(default_factory=dict)
+    ratio_threshold: float | None = Field(
+        default=None, gt=1.0, description="Overrides the server default (10)."
+    )
+
+
+class RunUpdate(ApiModel):
+    """PATCH /api/runs/{id}: mark finished/failed/crashed, or change the threshold."""
+
+    status: RunStatus | None = None
+    ratio_threshold: float | None = Field(default=None, gt=1.0)
+
+
+class RunRead(ApiModel):
+    id: uuid.UUID
+    name: str
+    project: str
+    status: RunStatus
+    tasks: list[str]
+    config: dict[str, Any]
+    ratio_threshold: float
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    epoch_count: int = 0
+    last_epoch: int | None = None
+    last_grad_norm_ratio: Metric = None
+    flagged: bool = Field(False, description="An imbalance alert is open or was ever opened.")
+    open_alerts: int = 0
+
+
+class RunList(ApiModel):
+    runs: list[RunRead]
+    total: int
+    limit: int
+    offset: int
+
+
+class TaskEpoch(ApiModel):
+    """One task's numbers for one epoch (aggregated over the epoch's sampled steps)."""
+
+    grad_norm: Metric = Field(None, description="||grad_W L_i||_2 over the shared parameters W.")
+    weighted_grad_norm: Metric = Field(None, description="||grad_W (w_i L_i)||_2.")
+    loss: Metric = None
+    loss_ratio: Metric = Field(None, description="L_i(t) / L_i(0), the inverse training rate.")
+    relative_inverse_rate: Metric = Field(None, description="r_i = loss_ratio_i / mean_j loss_ratio_j")
+    task_weight: Metric = None
+    contribution_share: Metric = Field(
+        None, description="Share of the combined gradient: ||w_i g_i|| / sum_j ||w_j g_j||."
+    )
+    target_grad_norm: Metric = Field(None, description="GradNorm's target G_bar * r_i^alpha.")
+
+
+class PairCosine(ApiModel):
+    a: TaskName
+    b: TaskName
+    value: Metric
+
+
+class EpochRecord(ApiModel):
+    epoch: int = Field(ge=0)
+    tasks: dict[TaskName, TaskEpoch] = Field(
+        default_factory=dict, description="Keyed by task name; every key must be a task of the run."
+    )
+    cosines: list[PairCosine] = Field(default_factory=list)
+    grad_norm_ratio: Metric = Field(
+        None, description="max_i G_i / min_i G_i; computed from the task grad_norms when missing."
+    )
+    peak_grad_norm_ratio: Metric = Field(None, description="Largest per-step ratio in the epoch.")
+    min_cosine: Metric = Field(None, description="Computed from `cosines` when missing.")
+    total_loss: Metric = None
+    balancer_loss: Metric = Field(None, description="E.g. GradNorm's L_grad.")
+    wall_time: Metric = Field(None, description="Seconds the epoch took.")
+    step_count: int | None = Field(None, ge=0)
+
+
+class EpochBatch(ApiModel):
+    """POST /api/runs/{id}/epochs. Stored in one transaction: all or nothing.
+
+    Idempotent: an epoch already stored with identical values is counted as a duplicate and
+    skipped. An epoch already stored with *different* values is a conflict: the whole batch is
+    refused with 409 and nothing is stored (acknowledged data is never overwritten).
+    """
+
+    epochs: list[EpochRecord] = Field(min_length=1)
+
+
+class IngestResult(ApiModel):
+    accepted: int
+    duplicates: int
+    alerts_opened: int = 0
+    alerts_closed: int = 0
+    cursor: int = Field(description="Ingestion cursor after this batch (see metrics `since`).")
+
+
+class AlertKind(str, Enum):
+    imbalance = "imbalance"  # grad_norm_ratio above the run's threshold
+    non_finite = "non_finite"  # a NaN/Inf gradient norm
+    weight_collapse = "weight_collapse"  # a task weight below 1% of the mean weight
+    conflict = "conflict"  # min_cosine < 0 for several consecutive epochs
+
+
+class AlertRead(ApiModel):
+    id: int
+    run_id: uuid.UUID
+    run_name: str | None = None
+    kind: AlertKind
+    task: str | None = None
+    opened_epoch: int
+    closed_epoch: int | None = None
+    peak_value: Metric = None
+    message: str
+    opened_at: datetime
+    closed_at: datetime | None = None
+
+
+class AlertList(ApiModel):
+    alerts: list[AlertRead]
+
+
+class PairSeries(ApiModel):
+    a: str
+    b: str
+    values: list[Metric]
+
+
+class MetricsRead(ApiModel):
+    """Columnar metrics: every list is aligned with `epochs` (ascending)."""
+
+    run_id: uuid.UUID
+    tasks: list[str]
+    epochs: list[int]
+    epoch_metrics: dict[str, list[Metric]] = Field(
+        description="grad_norm_ratio, peak_grad_norm_ratio, min_cosine, total_loss, "
+        "balancer_loss, wall_time, step_count"
+    )
+    task_metrics: dict[str, dict[str, list[Metric]]] = Field(
+        description="task name -> TaskEpoch field -> values"
+    )
+    cosines: list[PairSeries]
+    cursor: int = Field(description="Pass as `since` to receive only epochs stored after this read.")
+    downsampled: bool = False
+    total_epochs: int = Field(description="Epochs matching the filter before downsampling.")
+
+
+class ErrorBody(ApiModel):
+    error: str
+    detail: Any = None
+
+
+class Health(ApiModel):
+    status: str
+    database: str
+    version: str
