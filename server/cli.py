@@ -16,7 +16,10 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.serve", "run the gradwatch server (REST API + dashboard)"),
-    "train": ("client_hook.trainer.cli", "train the reference multi-task model, streaming to a server"),
+    "train": (
+        "client_hook.trainer.cli",
+        "train the reference multi-task model, streaming to a server",
+    ),
     "import": ("client_hook.sync_cli", "upload a local gradwatch run file to a server"),
     "sync": ("client_hook.sync_cli", "deliver epochs spooled while the server was unreachable"),
 }

@@ -83,7 +83,9 @@ class TaskEpoch(ApiModel):
     weighted_grad_norm: Metric = Field(None, description="||grad_W (w_i L_i)||_2.")
     loss: Metric = None
     loss_ratio: Metric = Field(None, description="L_i(t) / L_i(0), the inverse training rate.")
-    relative_inverse_rate: Metric = Field(None, description="r_i = loss_ratio_i / mean_j loss_ratio_j")
+    relative_inverse_rate: Metric = Field(
+        None, description="r_i = loss_ratio_i / mean_j loss_ratio_j"
+    )
     task_weight: Metric = None
     contribution_share: Metric = Field(
         None, description="Share of the combined gradient: ||w_i g_i|| / sum_j ||w_j g_j||."
@@ -178,7 +180,9 @@ class MetricsRead(ApiModel):
         description="task name -> TaskEpoch field -> values"
     )
     cosines: list[PairSeries]
-    cursor: int = Field(description="Pass as `since` to receive only epochs stored after this read.")
+    cursor: int = Field(
+        description="Pass as `since` to receive only epochs stored after this read."
+    )
     downsampled: bool = False
     total_epochs: int = Field(description="Epochs matching the filter before downsampling.")
 

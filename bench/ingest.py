@@ -1,0 +1,330 @@
+"""Ingest speed: gradwatch (SQLite, PostgreSQL) against MLflow's `log_batch`, over loopback HTTP.
+
+    .venv/bin/python bench/ingest.py            # full workloads, 3 repetitions, median
+    .venv/bin/python bench/ingest.py --quick    # short smoke run (smaller workloads, 1 repetition)
+
+Workloads (the same scalars go to both systems):
+  A. 2 tasks x 5,000 epochs: per task grad_norm, weighted_grad_norm, loss, loss_ratio,
+     relative_inverse_rate, task_weight, contribution_share, target_grad_norm; per epoch
+     grad_norm_ratio, peak_grad_norm_ratio, min_cosine, total_loss, balancer_loss, wall_time,
+     step_count; one cosine pair. 24 values an epoch.
+  B. 10 tasks x 1,000 epochs, the same fields, no cosine pairs: 87 values an epoch.
+
+gradwatch: a real `gradwatch serve` subprocess (one uvicorn worker) on 127.0.0.1; the client
+serialises each batch with the stdlib `json` and POSTs it on one keep-alive connection
+(`--batch` epochs a request, default 500). MLflow: `mlflow server` with a SQLite backend store,
+installed only in bench/.venv-mlflow (created on first use: `python -m venv` + `pip install
+mlflow`); `MlflowClient.log_batch` with its maximum of 1,000 metrics a call, metric
+`<task>.<field>` at step = epoch. Figures are scalar values stored per second, median of the
+repetitions. The read figure is the median time of GET /api/runs/{id}/metrics for the
+5,000-epoch run (SQLite), over HTTP, body fully read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support import ServerProcess, create_pg_database, drop_pg_database  # noqa: E402
+
+TASK_FIELDS = (
+    "grad_norm",
+    "weighted_grad_norm",
+    "loss",
+    "loss_ratio",
+    "relative_inverse_rate",
+    "task_weight",
+    "contribution_share",
+    "target_grad_norm",
+)
+EPOCH_FIELDS = (
+    "grad_norm_ratio",
+    "peak_grad_norm_ratio",
+    "min_cosine",
+    "total_loss",
+    "balancer_loss",
+    "wall_time",
+)
+MLFLOW_VENV = HERE / ".venv-mlflow"
+MLFLOW_MAX_METRICS = 1000
+
+
+def workload(tasks: int, epochs: int, cosine: bool, seed: int = 0) -> list[dict[str, Any]]:
+    """Epoch records with every field set (random but reproducible values)."""
+    rng = random.Random(seed)
+    names = [f"task{i}" for i in range(tasks)]
+    records = []
+    for e in range(epochs):
+        rec: dict[str, Any] = {
+            "epoch": e,
+            "tasks": {n: {f: rng.uniform(0.1, 3.0) for f in TASK_FIELDS} for n in names},
+            **{f: rng.uniform(0.1, 3.0) for f in EPOCH_FIELDS},
+            "step_count": 100,
+        }
+        if cosine:
+            rec["cosines"] = [{"a": names[0], "b": names[1], "value": rng.uniform(-1, 1)}]
+        records.append(rec)
+    return records
+
+
+def count_values(records: list[dict[str, Any]]) -> int:
+    per = [
+        len(r["tasks"]) * len(TASK_FIELDS) + len(EPOCH_FIELDS) + 1 + len(r.get("cosines", []))
+        for r in records
+    ]
+    return sum(per)
+
+
+# ---------------------------------------------------------------- gradwatch
+
+
+class Http:
+    """One keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        self.conn.request(method, path, body=body, headers=headers)
+        r = self.conn.getresponse()
+        return r.status, r.read()
+
+    def json(self, method: str, path: str, payload: Any = None) -> Any:
+        status, data = self.request(
+            method, path, None if payload is None else json.dumps(payload).encode()
+        )
+        if status >= 300:
+            raise RuntimeError(f"{method} {path}: {status} {data[:300]!r}")
+        return json.loads(data)
+
+
+def gradwatch_ingest(url: str, records: list[dict[str, Any]], batch: int) -> tuple[float, str]:
+    """Seconds to create a run and stream `records` in batches; returns (seconds, run_id)."""
+    client = Http(url)
+    tasks = list(records[0]["tasks"])
+    started = time.perf_counter()
+    run = client.json("POST", "/api/runs", {"name": "bench", "tasks": tasks})
+    for i in range(0, len(records), batch):
+        body = json.dumps({"epochs": records[i : i + batch]}).encode()
+        status, data = client.request("POST", f"/api/runs/{run['id']}/epochs", body)
+        if status != 200:
+            raise RuntimeError(f"ingest failed: {status} {data[:300]!r}")
+    return time.perf_counter() - started, run["id"]
+
+
+def per_epoch_latency(url: str, records: list[dict[str, Any]]) -> float:
+    """Median ms of one-epoch POSTs (the live-training case: one request per epoch)."""
+    client = Http(url)
+    run = client.json("POST", "/api/runs", {"name": "latency", "tasks": list(records[0]["tasks"])})
+    times = []
+    for rec in records:
+        body = json.dumps({"epochs": [rec]}).encode()
+        t0 = time.perf_counter()
+        client.request("POST", f"/api/runs/{run['id']}/epochs", body)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def read_time(url: str, run_id: str, repeats: int) -> tuple[float, int]:
+    """Median ms of GET metrics (whole history) and the response size."""
+    client = Http(url)
+    times, size = [], 0
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        status, data = client.request("GET", f"/api/runs/{run_id}/metrics")
+        times.append(time.perf_counter() - t0)
+        assert status == 200, data[:200]
+        size = len(data)
+    return statistics.median(times[2:]) * 1000, size  # first two warm the caches
+
+
+# ---------------------------------------------------------------- MLflow
+
+MLFLOW_CLIENT = r"""
+import json, sys, time
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+uri, path, max_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+records = json.load(open(path))
+client = MlflowClient(tracking_uri=uri)
+t0 = time.perf_counter()
+exp = client.create_experiment(f"bench-{time.time_ns()}")
+run = client.create_run(exp)
+metrics, ts = [], int(time.time() * 1000)
+for rec in records:
+    e = rec["epoch"]
+    for task, fields in rec["tasks"].items():
+        metrics += [Metric(f"{task}.{k}", v, ts, e) for k, v in fields.items()]
+    for k, v in rec.items():
+        if k not in ("epoch", "tasks", "cosines"):
+            metrics.append(Metric(k, float(v), ts, e))
+    for c in rec.get("cosines", []):
+        metrics.append(Metric(f"cos.{c['a']}.{c['b']}", c["value"], ts, e))
+for i in range(0, len(metrics), max_batch):
+    client.log_batch(run.info.run_id, metrics=metrics[i : i + max_batch])
+print(json.dumps({"seconds": time.perf_counter() - t0, "values": len(metrics)}))
+"""
+
+
+def ensure_mlflow() -> Path:
+    python = MLFLOW_VENV / "bin" / "python"
+    if not (MLFLOW_VENV / "bin" / "mlflow").exists():
+        print("creating bench/.venv-mlflow (python -m venv + pip install mlflow) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(MLFLOW_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "mlflow"], check=True)
+    return python
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MlflowServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> MlflowServer:
+        cmd = [
+            str(MLFLOW_VENV / "bin" / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(self.workdir / "artifacts"),
+        ]
+        log = open(self.workdir / "mlflow-server.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=log)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited; see {self.workdir}/mlflow-server.log")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start in 180 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def mlflow_ingest(python: Path, url: str, records_path: Path) -> tuple[float, int]:
+    out = subprocess.run(
+        [str(python), "-c", MLFLOW_CLIENT, url, str(records_path), str(MLFLOW_MAX_METRICS)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(result["seconds"]), int(result["values"])
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small workloads, one repetition")
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions (default 3)")
+    parser.add_argument("--batch", type=int, default=500, help="epochs per gradwatch request")
+    parser.add_argument("--no-mlflow", action="store_true", help="skip the MLflow baseline")
+    args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    scale = 5 if args.quick else 1
+    workloads = {
+        f"A: 2 tasks x {5000 // scale} epochs": workload(2, 5000 // scale, cosine=True),
+        f"B: 10 tasks x {1000 // scale} epochs": workload(10, 1000 // scale, cosine=False),
+    }
+    rates: dict[tuple[str, str], float] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="gradwatch-bench-"))
+    pg_url = create_pg_database("gradwatch_bench")
+    read_ms = read_size = latency_ms = None
+    try:
+        for db, url in (("sqlite", f"sqlite:///{tmp / 'bench.db'}"), ("postgresql", pg_url)):
+            with ServerProcess(url) as server:
+                for name, records in workloads.items():
+                    n = count_values(records)
+                    secs = []
+                    for _ in range(repeats):
+                        s, run_id = gradwatch_ingest(server.url, records, args.batch)
+                        secs.append(s)
+                    rates[(name, f"gradwatch {db}")] = n / statistics.median(secs)
+                    if db == "sqlite" and name.startswith("A"):
+                        read_ms, read_size = read_time(server.url, run_id, 10 if args.quick else 30)
+                        latency_ms = per_epoch_latency(server.url, records[:200])
+        if not args.no_mlflow:
+            python = ensure_mlflow()
+            with MlflowServer(tmp) as mlflow_server:
+                for name, records in workloads.items():
+                    path = tmp / "records.json"
+                    path.write_text(json.dumps(records))
+                    secs, values = [], 0
+                    for _ in range(repeats):
+                        s, values = mlflow_ingest(python, mlflow_server.url, path)
+                        secs.append(s)
+                    rates[(name, "mlflow log_batch")] = values / statistics.median(secs)
+    finally:
+        drop_pg_database(pg_url)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(
+        f"\ningest over loopback HTTP, median of {repeats}; gradwatch batch = {args.batch} "
+        f"epochs/request, MLflow batch = {MLFLOW_MAX_METRICS} metrics/call"
+    )
+    print(f"{'workload':<28}{'system':<22}{'values/s':>14}{'vs MLflow':>12}")
+    for name in workloads:
+        base = rates.get((name, "mlflow log_batch"))
+        for system in ("gradwatch sqlite", "gradwatch postgresql", "mlflow log_batch"):
+            rate = rates.get((name, system))
+            if rate is None:
+                continue
+            ratio = f"{rate / base:.1f}x" if base else "-"
+            print(f"{name:<28}{system:<22}{rate:>14,.0f}{ratio:>12}")
+    if read_ms is not None:
+        print(
+            f"\nread back the {5000 // scale}-epoch, 2-task history (GET metrics, SQLite, HTTP): "
+            f"median {read_ms:.1f} ms, {read_size / 1e6:.2f} MB"
+        )
+    if latency_ms is not None:
+        print(f"one-epoch POST (live training, one request an epoch): median {latency_ms:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.pop("GRADWATCH_TOKEN", None)
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Imbalance alerts as episodes, computed by the server on ingest.
+
+An episode opens at the first epoch where its rule holds and closes at the first later epoch
+where it no longer holds (`closed_epoch` is that epoch); while it stays open nothing new is
+created, only its peak is updated. No flood of one alert per epoch.
+
+Rules (a value that is missing, `None`, leaves an episode as it is):
+- imbalance: the epoch's grad_norm_ratio (max_i G_i / min_i G_i, Chen et al. 2018, GradNorm)
+  is above the run's threshold. Peak: the largest ratio. A NaN ratio changes nothing (the
+  non_finite rule covers it).
+- non_finite (per task): the task's grad_norm is NaN or +/-Inf. Peak: that value.
+- weight_collapse (per task): the task weight is below 1% of the mean of the finite weights
+  of the epoch (needs two weights or more). Peak: the smallest weight / mean.
+- conflict: min_cosine < 0 for CONFLICT_EPOCHS consecutive epochs (records, in epoch order;
+  negative cosines mean the task gradients pull against each other, Yu et al. 2020, PCGrad).
+  `opened_epoch` is the first epoch of the streak. Peak: the most negative cosine.
+
+Out-of-order epochs: episodes are a function of the epoch-ordered history, never of arrival
+order. A batch that only appends (every new epoch after the last stored one) is evaluated
+incrementally from the open episodes. A batch that lands before the last stored epoch (a
+client's spool delivered late) triggers a recomputation of the run's episodes over its whole
+history; episodes that come out the same keep their id and opened_at.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from server import models
+from server.models import utcnow
+
+CONFLICT_EPOCHS = 3
+WEIGHT_COLLAPSE_SHARE = 0.01
+
+Key = tuple[str, str | None]
+
+
+@dataclass
+class EpochView:
+    """What the rules look at in one epoch."""
+
+    epoch: int
+    grad_norm_ratio: float | None
+    min_cosine: float | None
+    grad_norms: dict[str, float | None] = field(default_factory=dict)
+    weights: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class Episode:
+    kind: str
+    task: str | None
+    opened_epoch: int
+    peak_value: float | None
+    message: str
+    closed_epoch: int | None = None
+    id: int | None = None  # the stored row, when there is one
+    was_open: bool = True  # as stored before this evaluation
+
+    @property
+    def key(self) -> tuple[str, str | None, int]:
+        return (self.kind, self.task, self.opened_epoch)
+
+
+@dataclass
+class AlertState:
+    open: dict[Key, Episode] = field(default_factory=dict)
+    closed: list[Episode] = field(default_factory=list)
+    streak: list[tuple[int, float]] = field(default_factory=list)  # trailing negative cosines
+
+
+def _is_num(v: float | None) -> bool:
+    return v is not None and not math.isnan(v)
+
+
+def _open(state: AlertState, ep: Episode) -> None:
+    ep.was_open = False
+    state.open[(ep.kind, ep.task)] = ep
+
+
+def _close(state: AlertState, key: Key, epoch: int) -> None:
+    ep = state.open.pop(key, None)
+    if ep is not None:
+        ep.closed_epoch = epoch
+        state.closed.append(ep)
+
+
+def _imbalance(state: AlertState, e: EpochView, threshold: float) -> None:
+    r, key = e.grad_norm_ratio, ("imbalance", None)
+    if r is None or math.isnan(r):
+        return
+    ep = state.open.get(key)
+    if r > threshold:
+        if ep is None:
+            msg = f"gradient-norm ratio {r:.3g} above the threshold {threshold:g}"
+            _open(state, Episode("imbalance", None, e.epoch, r, msg))
+        elif ep.peak_value is None or r > ep.peak_value:
+            ep.peak_value = r
+    elif ep is not None:
+        _close(state, key, e.epoch)
+
+
+def _non_finite(state: AlertState, e: EpochView) -> None:
+    for task, g in e.grad_norms.items():
+        if g is None:
+            continue
+        key = ("non_finite", task)
+        if not math.isfinite(g):
+            if key not in state.open:
+                msg = f"task {task!r}: gradient norm is {g}"
+                _open(state, Episode("non_finite", task, e.epoch, g, msg))
+        elif key in state.open:
+            _close(state, key, e.epoch)
+
+
+def _weight_collapse(state: AlertState, e: EpochView) -> None:
+    finite = {t: w for t, w in e.weights.items() if w is not None and math.isfinite(w)}
+    if len(finite) < 2:
+        return
+    mean = sum(finite.values()) / len(finite)
+    if mean <= 0:
+        return
+    for task, w in finite.items():
+        key, share = ("weight_collapse", task), w / mean
+        ep = state.open.get(key)
+        if share < WEIGHT_COLLAPSE_SHARE:
+            if ep is None:
+                msg = f"task {task!r}: weight {w:.3g} is below 1% of the mean weight {mean:.3g}"
+                _open(state, Episode("weight_collapse", task, e.epoch, share, msg))
+            elif ep.peak_value is None or share < ep.peak_value:
+                ep.peak_value = share
+        elif ep is not None:
+            _close(state, key, e.epoch)
+
+
+def _conflict(state: AlertState, e: EpochView) -> None:
+    c, key = e.min_cosine, ("conflict", None)
+    if not _is_num(c):
+        return
+    assert c is not None
+    ep = state.open.get(key)
+    if c < 0:
+        if ep is not None:
+            if ep.peak_value is None or c < ep.peak_value:
+                ep.peak_value = c
+            return
+        state.streak.append((e.epoch, c))
+        if len(state.streak) >= CONFLICT_EPOCHS:
+            first, peak = state.streak[0][0], min(v for _, v in state.streak)
+            msg = f"task gradients conflict: min cosine < 0 since epoch {first}"
+            _open(state, Episode("conflict", None, first, peak, msg))
+            state.streak.clear()
+    else:
+        state.streak.clear()
+        if ep is not None:
+            _close(state, key, e.epoch)
+
+
+def evaluate(epochs: Iterable[EpochView], state: AlertState, threshold: float) -> AlertState:
+    """Run every rule over `epochs` (ascending), updating `state` in place."""
+    for e in epochs:
+        _imbalance(state, e, threshold)
+        _non_finite(state, e)
+        _weight_collapse(state, e)
+        _conflict(state, e)
+    return state
+
+
+# ---------------------------------------------------------------- storage
+
+
+def _episode(row: models.Alert) -> Episode:
+    return Episode(
+        row.kind, row.task, row.opened_epoch, row.peak_value, row.message, row.closed_epoch, row.id
+    )
+
+
+def _load_state(session: Session, run_id: uuid.UUID, before: int) -> AlertState:
+    """Open episodes and the trailing conflict streak, as stored before epoch `before`."""
+    rows = session.scalars(
+        sa.select(models.Alert).where(
+            models.Alert.run_id == run_id, models.Alert.closed_epoch.is_(None)
+        )
+    ).all()
+    state = AlertState(open={(r.kind, r.task): _episode(r) for r in rows})
+    if ("conflict", None) not in state.open:
+        e = models.Epoch
+        recent = session.execute(
+            sa.select(e.epoch, e.min_cosine)
+            .where(e.run_id == run_id, e.epoch < before, e.min_cosine.is_not(None))
+            .order_by(e.epoch.desc())
+            .limit(4 * CONFLICT_EPOCHS)
+        ).all()
+        for epoch, c in recent:
+            if c is None or math.isnan(c):
+                continue
+            if c >= 0:
+                break
+            state.streak.insert(0, (epoch, c))
+    return state
+
+
+def history(session: Session, run_id: uuid.UUID) -> list[EpochView]:
+    """Every stored epoch of a run as EpochViews, ascending."""
+    e, te, t = models.Epoch, models.TaskEpoch, models.RunTask
+    views = {
+        ep: EpochView(ep, r, c)
+        for ep, r, c in session.execute(
+            sa.select(e.epoch, e.grad_norm_ratio, e.min_cosine)
+            .where(e.run_id == run_id)
+            .order_by(e.epoch)
+        )
+    }
+    rows = session.execute(
+        sa.select(te.epoch, t.name, te.grad_norm, te.task_weight)
+        .join(t, t.id == te.task_id)
+        .where(te.run_id == run_id)
+    )
+    for ep, name, g, w in rows:
+        views[ep].grad_norms[name] = g
+        views[ep].weights[name] = w
+    return list(views.values())
+
+
+def _write(session: Session, run_id: uuid.UUID, episodes: list[Episode]) -> tuple[int, int]:
+    """Insert new episodes, update stored ones; return (opened, closed) counts."""
+    now, opened, closed = utcnow(), 0, 0
+    for ep in episodes:
+        newly_closed = ep.closed_epoch is not None and (ep.id is None or ep.was_open)
+        closed += newly_closed
+        if ep.id is None:
+            opened += 1
+            session.add(
+                models.Alert(
+                    run_id=run_id,
+                    kind=ep.kind,
+                    task=ep.task,
+                    opened_epoch=ep.opened_epoch,
+                    closed_epoch=ep.closed_epoch,
+                    peak_value=ep.peak_value,
+                    message=ep.message,
+                    opened_at=now,
+                    closed_at=now if ep.closed_epoch is not None else None,
+                )
+            )
+        else:
+            row = session.get(models.Alert, ep.id)
+            assert row is not None
+            row.closed_epoch, row.peak_value, row.message = (
+                ep.closed_epoch,
+                ep.peak_value,
+                ep.message,
+            )
+            if ep.closed_epoch is None:
+                row.closed_at = None
+            elif newly_closed or row.closed_at is None:
+                row.closed_at = now
+    session.flush()
+    return opened, closed
+
+
+def apply_new_epochs(session: Session, run: models.Run, views: list[EpochView]) -> tuple[int, int]:
+    """Evaluate epochs appended after the last stored one (`views` ascending)."""
+    state = evaluate(views, _load_state(session, run.id, views[0].epoch), run.ratio_threshold)
+    return _write(session, run.id, [*state.closed, *state.open.values()])
+
+
+def recompute(session: Session, run: models.Run) -> tuple[int, int]:
+    """Recompute every episode of a run from its history (out-of-order epochs, new threshold)."""
+    state = evaluate(history(session, run.id), AlertState(), run.ratio_threshold)
+    stored = {
+        (r.kind, r.task, r.opened_epoch): r
+        for r in session.scalars(sa.select(models.Alert).where(models.Alert.run_id == run.id))
+    }
+    episodes = [*state.closed, *state.open.values()]
+    for ep in episodes:
+        row = stored.pop(ep.key, None)
+        if row is not None:
+            ep.id, ep.was_open = row.id, row.closed_epoch is None
+    for row in stored.values():
+        session.delete(row)
+    return _write(session, run.id, episodes)
+
+
+def refresh_run_flags(session: Session, run: models.Run) -> None:
+    """Keep run.open_alert_count and run.flagged (any alert ever opened) in step."""
+    a = models.Alert
+    counts = session.execute(
+        sa.select(
+            sa.func.count(),
+            sa.func.count().filter(a.closed_epoch.is_(None)),
+        ).where(a.run_id == run.id)
+    ).one()
+    run.flagged = counts[0] > 0
+    run.open_alert_count = counts[1]

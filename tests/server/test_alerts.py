@@ -1,0 +1,140 @@
+"""Alert episodes: open/close rules, no floods, arrival order does not matter."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from server.alerts import AlertState, EpochView, evaluate
+from tests.server.conftest import TestClient, epoch, ingest, make_run
+
+
+def _run_rules(views: list[EpochView], threshold: float = 10.0) -> AlertState:
+    return evaluate(views, AlertState(), threshold)
+
+
+def _episodes(state: AlertState) -> list[tuple[str, str | None, int, int | None]]:
+    eps = [*state.closed, *state.open.values()]
+    return sorted((e.kind, e.task, e.opened_epoch, e.closed_epoch) for e in eps)
+
+
+def test_imbalance_opens_above_threshold_and_closes_below() -> None:
+    ratios = [2, 12, 30, 15, 9, 3]
+    state = _run_rules([EpochView(i, r, None) for i, r in enumerate(ratios)])
+    assert _episodes(state) == [("imbalance", None, 1, 4)]
+    assert state.closed[0].peak_value == 30
+
+
+def test_imbalance_is_one_episode_not_one_per_epoch() -> None:
+    state = _run_rules([EpochView(i, 50.0, None) for i in range(100)])
+    assert _episodes(state) == [("imbalance", None, 0, None)]
+
+
+def test_imbalance_ignores_missing_ratio() -> None:
+    views = [EpochView(0, 20.0, None), EpochView(1, None, None), EpochView(2, 20.0, None)]
+    assert _episodes(_run_rules(views)) == [("imbalance", None, 0, None)]
+
+
+def test_non_finite_opens_per_task() -> None:
+    views = [
+        EpochView(0, None, None, grad_norms={"a": math.nan, "b": 1.0}),
+        EpochView(1, None, None, grad_norms={"a": math.inf, "b": math.inf}),
+        EpochView(2, None, None, grad_norms={"a": 1.0, "b": 1.0}),
+    ]
+    assert _episodes(_run_rules(views)) == [("non_finite", "a", 0, 2), ("non_finite", "b", 1, 2)]
+
+
+def test_weight_collapse_below_one_percent_of_mean() -> None:
+    views = [
+        EpochView(0, None, None, weights={"a": 1.0, "b": 1.0}),
+        EpochView(1, None, None, weights={"a": 1.99, "b": 0.009}),
+        EpochView(2, None, None, weights={"a": 1.9, "b": 0.1}),
+    ]
+    state = _run_rules(views)
+    assert _episodes(state) == [("weight_collapse", "b", 1, 2)]
+
+
+def test_conflict_needs_three_consecutive_negative_epochs() -> None:
+    cosines = [-0.1, -0.2, 0.3, -0.1, -0.5, -0.2, -0.3, 0.1]
+    state = _run_rules([EpochView(i, None, c) for i, c in enumerate(cosines)])
+    assert _episodes(state) == [("conflict", None, 3, 7)]
+    assert state.closed[0].peak_value == -0.5
+
+
+def test_ingest_reports_opened_and_closed_alerts(client: TestClient) -> None:
+    run = make_run(client)
+    spike = [epoch(i, {"rul": 50.0 if 2 <= i < 6 else 1.0, "health": 1.0}) for i in range(10)]
+    result = ingest(client, run["id"], spike).json()
+    assert (result["alerts_opened"], result["alerts_closed"]) == (1, 1)
+    alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
+    assert [(a["kind"], a["opened_epoch"], a["closed_epoch"]) for a in alerts] == [
+        ("imbalance", 2, 6)
+    ]
+
+
+def test_alert_episode_spans_batches(client: TestClient) -> None:
+    run = make_run(client)
+    for start in range(0, 30, 5):
+        ingest(
+            client,
+            run["id"],
+            [epoch(i, {"rul": 40.0, "health": 1.0}) for i in range(start, start + 5)],
+        )
+    alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
+    assert len(alerts) == 1
+    assert alerts[0]["closed_epoch"] is None
+
+
+def test_conflict_streak_spans_batches(client: TestClient) -> None:
+    run = make_run(client)
+    cos = [{"a": "rul", "b": "health", "value": -0.2}]
+    for i in range(3):
+        ingest(client, run["id"], [epoch(i, {"rul": 1.0, "health": 1.0}, cosines=cos)])
+    alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
+    assert [(a["kind"], a["opened_epoch"]) for a in alerts] == [("conflict", 0)]
+
+
+def _pattern(i: int) -> dict[str, float | str]:
+    if i % 17 == 5:
+        return {"rul": "NaN", "health": 1.0}
+    return {"rul": 30.0 if (i // 7) % 2 else 1.0, "health": 1.0}
+
+
+def test_out_of_order_arrival_gives_the_same_episodes(client: TestClient) -> None:
+    cos = lambda i: [{"a": "rul", "b": "health", "value": -0.1 if (i // 4) % 2 else 0.2}]  # noqa: E731
+    records = [epoch(i, _pattern(i), cosines=cos(i)) for i in range(60)]
+    in_order, shuffled = make_run(client), make_run(client)
+    ingest(client, in_order["id"], records)
+    batches = [records[i : i + 6] for i in range(0, 60, 6)]
+    random.Random(7).shuffle(batches)
+    for batch in batches:
+        assert ingest(client, shuffled["id"], batch).status_code == 200
+
+    def key(run_id: str) -> list[tuple]:  # type: ignore[type-arg]
+        alerts = client.get(f"/api/runs/{run_id}/alerts").json()["alerts"]
+        return sorted(
+            (
+                a["kind"],
+                a["task"] or "",
+                a["opened_epoch"],
+                a["closed_epoch"] or -1,
+                str(a["peak_value"]),
+            )
+            for a in alerts
+        )
+
+    assert key(in_order["id"]) == key(shuffled["id"])
+    assert len(key(in_order["id"])) > 5
+    summary = client.get(f"/api/runs/{shuffled['id']}").json()
+    assert summary["open_alerts"] == client.get(f"/api/runs/{in_order['id']}").json()["open_alerts"]
+
+
+def test_global_alert_list_filters_open(client: TestClient) -> None:
+    run = make_run(client)
+    ingest(
+        client,
+        run["id"],
+        [epoch(0, {"rul": 50.0, "health": 1.0}), epoch(1, {"rul": 1.0, "health": 1.0})],
+    )
+    assert client.get("/api/alerts", params={"open": "true"}).json()["alerts"] == []
+    assert len(client.get("/api/alerts").json()["alerts"]) == 1
