@@ -1,0 +1,340 @@
+"""HTML pages: runs list, run, compare, alerts; plus the chart data they load and Plotly's bundle.
+
+Pages render server-side from the query layer. The run and compare pages embed their figures as
+JSON in a `<script type="application/json">` block (data, not code: allowed by the CSP) so the
+charts draw without a second request; `/api/runs/{id}/figures` serves the same figures for an
+epoch range (zooming into a downsampled run) or after out-of-order arrivals.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from datetime import datetime
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import orjson
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from markupsafe import Markup
+
+from server import charts, queries
+from server.config import Settings, get_settings
+from server.db import SessionDep
+from server.errors import InvalidInput, RunNotFound
+from server.schemas import AlertKind, AlertRead, MetricsRead, RunRead, RunStatus
+from server.security import require_read
+from server.templating import templates
+
+# With GRADWATCH_PROTECT_READS the pages need the token like the JSON API does.
+router = APIRouter(include_in_schema=False, dependencies=[Depends(require_read)])
+
+RUNS_PER_PAGE = 50
+COMPARE_CHOICES = 100
+ALERTS_LIMIT = 500
+STATUSES = [s.value for s in RunStatus]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("gradwatch")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+VERSION = _version()
+
+
+# ---------------------------------------------------------------- formatting (Jinja filters)
+
+
+def fmt_ratio(value: float | None) -> str:
+    """12.3×, 1.05e+03×, NaN, ∞; an en dash when not measured."""
+    if value is None:
+        return "–"
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    return re.sub(r"e\+0*", "e", f"{value:.3g}") + "×"  # 12.3×, 1.05e3×
+
+
+def fmt_peak(alert: AlertRead) -> str:
+    """An alert's peak: a ratio (12.3×) for imbalance, a plain number (cosine, weight) else."""
+    value = alert.peak_value
+    if alert.kind == AlertKind.imbalance or value is None or not math.isfinite(value):
+        return fmt_ratio(value)
+    return f"{value:.3g}"
+
+
+def ratio_class(value: float | None, threshold: float) -> str:
+    if value is None:
+        return ""
+    if not math.isfinite(value):
+        return "nonfinite"
+    return "over" if value > threshold else "ok"
+
+
+def fmt_when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else "–"
+
+
+templates.env.filters.update(ratio=fmt_ratio, ratio_class=ratio_class, when=fmt_when, peak=fmt_peak)
+
+
+def json_for_script(data: Any) -> Markup:
+    """JSON safe inside <script type="application/json">: no `</script>`, no HTML parsing."""
+    text = orjson.dumps(data).decode()
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text)  # noqa: S704 - escaped above; the block is data, never executed
+
+
+def settings_of(request: Request) -> Settings:
+    return getattr(request.app.state, "settings", None) or get_settings()
+
+
+def render(request: Request, name: str, nav: str, **context: Any) -> HTMLResponse:
+    context.update(version=VERSION, asset_version=VERSION, nav=nav, plotly_url=plotly_url())
+    return templates.TemplateResponse(request, name, context)
+
+
+def parse_run_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise RunNotFound({"run_id": value}) from None
+
+
+# ---------------------------------------------------------------- runs list
+
+
+def runs_filters(project: str | None, status: str | None, flagged: str | None) -> dict[str, Any]:
+    """Normalised filters from the query string ('' means no filter)."""
+    if status and status not in STATUSES:
+        raise InvalidInput("status", f"unknown status {status!r}; use one of {STATUSES}")
+    if flagged not in (None, "", "true", "false"):
+        raise InvalidInput("flagged", "use true or false")
+    return {
+        "project": project or None,
+        "status": status or None,
+        "flagged": None if not flagged else flagged == "true",
+    }
+
+
+def filter_query(filters: dict[str, Any], **extra: Any) -> str:
+    params = {k: str(v).lower() if isinstance(v, bool) else v for k, v in filters.items()}
+    params.update(extra)
+    return urlencode({k: v for k, v in params.items() if v is not None and v != ""})
+
+
+@router.get("/", response_class=HTMLResponse)
+def runs_page(
+    request: Request,
+    session: SessionDep,
+    project: str | None = None,
+    status: str | None = None,
+    flagged: str | None = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> HTMLResponse:
+    filters = runs_filters(project, status, flagged)
+    runs = queries.list_runs(session, **filters, limit=RUNS_PER_PAGE, offset=offset)
+    prev_offset = max(0, offset - RUNS_PER_PAGE) if offset else None
+    next_offset = offset + RUNS_PER_PAGE if offset + RUNS_PER_PAGE < runs.total else None
+    pages = {
+        "prev": None if prev_offset is None else "/?" + filter_query(filters, offset=prev_offset),
+        "next": None if next_offset is None else "/?" + filter_query(filters, offset=next_offset),
+    }
+    stream_query = filter_query(filters, offset=offset or None)
+    return render(
+        request, "runs.html", "runs", runs=runs, filters=filters, pages=pages,
+        filtered=any(v is not None for v in filters.values()),
+        projects=queries.list_projects(session), statuses=STATUSES,
+        stream_url="/api/stream/runs" + ("?" + stream_query if stream_query else ""),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- run
+
+
+class MetricsCache:
+    """The last few whole-run downsampled reads. Every ingest and every PATCH moves a run's
+    `updated_at`, and it is part of the key, so a hit is exactly what the database would give;
+    a finished run's page then costs no metrics read at all."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[Any, ...], MetricsRead] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_metrics(self, session: SessionDep, run: RunRead, max_points: int) -> MetricsRead:
+        key = (run.id, run.updated_at, run.epoch_count, run.ratio_threshold, max_points)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        m = queries.get_metrics(session, run.id, max_points=max_points)
+        with self._lock:
+            self._items[key] = m
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return m
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+def metrics_cache(request: Request) -> MetricsCache:
+    cache = getattr(request.app.state, "metrics_cache", None)
+    if cache is None:
+        cache = request.app.state.metrics_cache = MetricsCache()
+    return cache
+
+
+def figures_payload(
+    request: Request,
+    session: SessionDep,
+    run: RunRead,
+    epoch_min: int | None = None,
+    epoch_max: int | None = None,
+) -> dict[str, Any]:
+    max_points = settings_of(request).max_points
+    if epoch_min is None and epoch_max is None:
+        m = metrics_cache(request).get_metrics(session, run, max_points)
+    else:
+        m = queries.get_metrics(
+            session, run.id, epoch_min=epoch_min, epoch_max=epoch_max, max_points=max_points
+        )
+    return {
+        "figures": charts.run_figures(m, run.ratio_threshold),
+        "cursor": m.cursor,
+        "downsampled": m.downsampled,
+        "total_epochs": m.total_epochs,
+        "shown_epochs": len(m.epochs),
+    }
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse)
+def run_page(request: Request, session: SessionDep, run_id: str) -> HTMLResponse:
+    rid = parse_run_id(run_id)
+    run = queries.get_run(session, rid)
+    data = figures_payload(request, session, run)
+    live = run.status == RunStatus.running
+    payload = {
+        **data,
+        "run": run.model_dump(mode="json"),
+        "live": live,
+        "stream_url": f"/api/runs/{rid}/stream",
+        "figures_url": f"/api/runs/{rid}/figures",
+    }
+    alerts = queries.list_alerts(session, run_id=rid)
+    return render(
+        request, "run.html", "run", run=run, alerts=alerts, live=live,
+        downsampled=data["downsampled"], total_epochs=data["total_epochs"],
+        shown_epochs=data["shown_epochs"],
+        chart_keys=list(data["figures"]),
+        config_json=json.dumps(run.config, indent=2, sort_keys=True, default=str),
+        payload=json_for_script(payload),
+    )  # fmt: skip
+
+
+@router.get("/api/runs/{run_id}/figures")
+def run_figures(
+    request: Request,
+    session: SessionDep,
+    run_id: uuid.UUID,
+    epoch_min: int | None = None,
+    epoch_max: int | None = None,
+) -> Response:
+    """The run page's figures for an epoch range (downsampled to the page's point budget)."""
+    data = figures_payload(request, session, queries.get_run(session, run_id), epoch_min, epoch_max)
+    return Response(orjson.dumps(data), media_type="application/json")
+
+
+# ---------------------------------------------------------------- compare
+
+
+def parse_run_ids(values: list[str]) -> list[uuid.UUID]:
+    """`?runs=a,b` and `?runs=a&runs=b` (the runs list's checkboxes) both work; order kept."""
+    ids = [part.strip() for v in values for part in v.split(",") if part.strip()]
+    return list(dict.fromkeys(parse_run_id(i) for i in ids))
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(
+    request: Request, session: SessionDep, runs: Annotated[list[str] | None, Query()] = None
+) -> HTMLResponse:
+    ids = parse_run_ids(runs or [])
+    selected = [queries.get_run(session, rid) for rid in ids]
+    max_points = settings_of(request).max_points
+    context: dict[str, Any] = {"selected": selected, "selected_ids": set(ids)}
+    if len(selected) >= 2:
+        cache = metrics_cache(request)
+        pairs = [(r, cache.get_metrics(session, r, max_points)) for r in selected]
+        figures = charts.compare_figures(pairs)
+        context.update(
+            chart_keys=list(figures),
+            payload=json_for_script({"figures": figures}),
+            downsampled=any(m.downsampled for _, m in pairs),
+            max_points=max_points,
+        )
+    choices = queries.list_runs(session, limit=COMPARE_CHOICES).runs
+    missing = [r for r in selected if r.id not in {c.id for c in choices}]
+    return render(request, "compare.html", "compare", choices=missing + choices, **context)
+
+
+# ---------------------------------------------------------------- alerts
+
+
+@router.get("/alerts", response_class=HTMLResponse)
+def alerts_page(request: Request, session: SessionDep, open: bool = False) -> HTMLResponse:
+    every = queries.list_alerts(session, limit=ALERTS_LIMIT)
+    opened = queries.list_alerts(session, open_only=True, limit=ALERTS_LIMIT)
+    counts = {"all": len(every), "open": len(opened)}
+    return render(
+        request, "alerts.html", "alerts", alerts=opened if open else every, open_only=open,
+        counts=counts,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- Plotly, served locally
+
+
+@lru_cache(maxsize=1)
+def plotly_bundle() -> tuple[str, bytes, bytes]:
+    """(plotly.js version, minified bundle, gzipped bundle) from the installed `plotly` package."""
+    import plotly
+    from plotly.offline import get_plotlyjs_version
+
+    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    raw = path.read_bytes()
+    return get_plotlyjs_version(), raw, gzip.compress(raw, compresslevel=6, mtime=0)
+
+
+def plotly_url() -> str:
+    """Versioned URL: a new plotly release gets a new URL, so it can be cached for a year."""
+    from plotly.offline import get_plotlyjs_version
+
+    return f"/vendor/plotly-{get_plotlyjs_version()}.min.js"
+
+
+@router.get("/vendor/plotly-{version}.min.js")
+def plotly_js(request: Request, version: str) -> Response:
+    js_version, raw, packed = plotly_bundle()
+    if version != js_version:
+        raise HTTPException(404)
+    headers = {"Cache-Control": "public, max-age=31536000, immutable", "Vary": "Accept-Encoding"}
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        headers["Content-Encoding"] = "gzip"
+        return Response(packed, media_type="text/javascript", headers=headers)
+    return Response(raw, media_type="text/javascript", headers=headers)
