@@ -1,0 +1,186 @@
+"""What does GradMonitor cost per training step? A benchmark: it prints figures, asserts nothing.
+
+Two models: the seeds' DualTaskMLP (17 -> 32 shared, heads 1 and 3) and a wider one with a
+4 x 1024 ReLU trunk. CPU, ``torch.set_num_threads(1)``, batch 256, SGD. Modes, one step each =
+forward + backward + ``opt.step()``:
+
+- ``plain``: no monitor;
+- ``default``: GradMonitor with the default ``sample_every=50``;
+- ``every``: GradMonitor measuring every step (the batched path);
+- ``naive``: the textbook diagnostic every step: one ``torch.autograd.grad`` per task, then
+  ``torch.cat(grads).norm().item()`` per task (the seeds' ``total_norm``).
+
+Modes are interleaved (round-robin, order rotated each repetition) in ONE process. A repetition
+times a block of 50 consecutive steps per mode (so `default` pays for exactly one sampled step per
+block, amortised honestly), and we report the median per-step time over repetitions.
+
+    ratio(mode)    = median over repetitions of  time(mode) / time(plain)   (paired: same rep)
+    overhead(mode) = median over repetitions of  time(mode) - time(plain)   (per step)
+    naive/every    = overhead(naive) / overhead(every)   (how many times cheaper our every-step
+                                                         measurement is than the naive one)
+
+The monitors write a local run file into a temporary folder: no network in the timings.
+
+    .venv/bin/python bench/hook_overhead.py [--quick] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from client_hook import GradMonitor
+
+TASKS = ["rul", "health"]
+BLOCK = 50
+
+
+class DualTask(nn.Module):
+    def __init__(self, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 17
+        for w in widths:
+            layers += [nn.Linear(width, w), nn.ReLU()]
+            width = w
+        self.shared = nn.Sequential(*layers)
+        self.head_rul = nn.Linear(width, 1)
+        self.head_health = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.shared(x)
+        return self.head_rul(h).squeeze(-1), self.head_health(h)
+
+
+def naive_norms(losses: dict[str, torch.Tensor], params: list[torch.Tensor]) -> list[float]:
+    """The seeds' per-task diagnostic: T separate backward passes and a host read per task."""
+    norms = []
+    for task in TASKS:
+        grads = torch.autograd.grad(losses[task], params, retain_graph=True)
+        norms.append(torch.cat([g.flatten() for g in grads]).norm().item())
+    return norms
+
+
+class Mode:
+    def __init__(self, name: str, widths: tuple[int, ...], device: str, folder: Path) -> None:
+        torch.manual_seed(0)
+        self.name = name
+        self.model = DualTask(widths).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-5)
+        self.params = list(self.model.shared.parameters())
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(256, 17, generator=gen).to(device)
+        self.y_rul = (torch.randn(256, generator=gen) * 30 + 60).to(device)
+        self.y_health = torch.randint(0, 3, (256,), generator=gen).to(device)
+        self.monitor = None
+        if name in ("default", "every"):
+            self.monitor = GradMonitor(
+                self.model.shared,
+                TASKS,
+                run_name=f"bench-{name}",
+                sample_every=50 if name == "default" else 1,
+                local_path=folder / f"{name}-{'x'.join(map(str, widths))}.jsonl",
+            )
+        self.weights = {"rul": 0.5, "health": 0.5}
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        pred_rul, pred_health = self.model(self.x)
+        losses = {
+            "rul": F.mse_loss(pred_rul, self.y_rul),
+            "health": F.cross_entropy(pred_health, self.y_health),
+        }
+        if self.monitor is not None:
+            self.monitor.observe(losses, weights=self.weights)
+        elif self.name == "naive":
+            naive_norms(losses, self.params)
+        (0.5 * losses["rul"] + 0.5 * losses["health"]).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def block(self, device: str) -> None:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(BLOCK):
+            self.step()
+        sync()
+        self.times.append((time.perf_counter() - start) / BLOCK)
+        if self.monitor is not None:
+            self.monitor.end_epoch()  # outside the timed region; the next block starts an epoch
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close(timeout=5)
+
+
+def measure(label: str, widths: tuple[int, ...], reps: int, device: str, folder: Path) -> None:
+    modes = [Mode(n, widths, device, folder) for n in ("plain", "default", "every", "naive")]
+    for mode in modes:  # warm-up (allocator, vmap machinery, first sampled step)
+        mode.block(device)
+        mode.times.clear()
+    for rep in range(reps):
+        shift = rep % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            mode.block(device)
+    for mode in modes:
+        mode.close()
+    # Paired per repetition (same moment, same machine load), then the median over repetitions.
+    plain = modes[0].times
+    median = {m.name: statistics.median(m.times) for m in modes}
+    ratio = {
+        m.name: statistics.median([t / p for t, p in zip(m.times, plain, strict=True)])
+        for m in modes
+    }
+    overhead = {
+        m.name: statistics.median([t - p for t, p in zip(m.times, plain, strict=True)])
+        for m in modes
+    }
+    print(f"\n{label}  ({reps} interleaved repetitions x {BLOCK} steps, {device})")
+    for mode in modes:
+        print(
+            f"  {mode.name:8s} {median[mode.name] * 1e3:9.3f} ms/step   "
+            f"ratio {ratio[mode.name]:5.3f}x   overhead {overhead[mode.name] * 1e3:8.3f} ms"
+        )
+    every, naive = overhead["every"], overhead["naive"]
+    verdict = f"{naive / every:.2f}x" if every > 0 else "n/a (no measurable overhead)"
+    print(
+        f"  every step costs {every * 1e3:.3f} ms over plain, naive {naive * 1e3:.3f} ms "
+        f"-> measuring every step is {verdict} cheaper than naive"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        measure(
+            "DualTaskMLP 17->32, heads 1+3",
+            (32,),
+            args.reps or (5 if args.quick else 41),
+            args.device,
+            folder,
+        )
+        measure(
+            "wide trunk 17->4x1024, heads 1+3",
+            (1024,) * 4,
+            args.reps or (3 if args.quick else 9),
+            args.device,
+            folder,
+        )
+
+
+if __name__ == "__main__":
+    main()

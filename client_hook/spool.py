@@ -1,0 +1,216 @@
+"""On-disk storage of the client: the delivery spool and the local run file.
+
+Spool (``GRADWATCH_SPOOL_DIR``, default ``.gradwatch/spool`` under the working directory)::
+
+    <spool>/<run_id>/run.json             RunCreate payload + server URL, pid and host of the writer
+    <spool>/<run_id>/epoch-000000012.json one file per epoch not yet acknowledged by the server
+    <spool>/<run_id>/status.json          a final status not yet acknowledged
+
+Every epoch is written here *before* it is sent (write-ahead) and removed once the server
+acknowledged it, so a crash of the client or the server at any moment loses nothing; a resend is
+harmless because the server skips identical epochs. ``gradwatch sync`` delivers what is left.
+
+Local run file (no server configured): JSON lines ``{"kind": "run"|"epoch"|"status", ...}`` that
+``gradwatch import FILE`` uploads later. Non-finite floats are written as the API's strings
+"NaN", "Infinity", "-Infinity" so that every line is valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+SPOOL_ENV = "GRADWATCH_SPOOL_DIR"
+_OPEN_HERE: set[str] = set()  # runs whose monitor in THIS process is not closed yet
+
+
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats by the API's strings, recursively; UUIDs become strings."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Strict JSON (no bare NaN literal) with non-finite floats as strings."""
+    return json.dumps(json_safe(value), allow_nan=False, separators=(",", ":"))
+
+
+def default_spool_dir() -> Path:
+    return Path(os.environ.get(SPOOL_ENV) or Path.cwd() / ".gradwatch" / "spool")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass  # another deliverer (e.g. `gradwatch sync`) got there first
+
+
+class RunSpool:
+    """The spool folder of one run. Safe against concurrent deliverers (the server dedups)."""
+
+    def __init__(self, root: Path | str, run_id: str) -> None:
+        self.root = Path(root)
+        self.run_id = str(run_id)
+        self.dir = self.root / self.run_id
+
+    @classmethod
+    def all_runs(cls, root: Path | str) -> list[RunSpool]:
+        root = Path(root)
+        if not root.is_dir():
+            return []
+        return [cls(root, d.name) for d in sorted(root.iterdir()) if (d / "run.json").is_file()]
+
+    def write_meta(self, run: dict, server_url: str | None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "run": run,
+            "server_url": server_url,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        _atomic_write(self.dir / "run.json", dumps(meta))
+
+    def set_open(self, is_open: bool) -> None:
+        """Whether a monitor of this process still delivers this run (see `owner_alive`)."""
+        if is_open:
+            _OPEN_HERE.add(self.run_id)
+        else:
+            _OPEN_HERE.discard(self.run_id)
+
+    def read_meta(self) -> dict:
+        return json.loads((self.dir / "run.json").read_text(encoding="utf-8"))
+
+    def owner_alive(self) -> bool:
+        """True when the process that wrote this spool still runs on this host."""
+        try:
+            meta = self.read_meta()
+        except (OSError, ValueError):
+            return False
+        if meta.get("host") != socket.gethostname():
+            return False
+        if meta.get("pid") == os.getpid():
+            return self.run_id in _OPEN_HERE
+        try:
+            os.kill(int(meta["pid"]), 0)
+        except (ProcessLookupError, KeyError, ValueError, TypeError):
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _epoch_path(self, epoch: int) -> Path:
+        return self.dir / f"epoch-{epoch:09d}.json"
+
+    def write_epoch(self, record: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self._epoch_path(int(record["epoch"])), dumps(record))
+
+    def load_epochs(self) -> list[dict]:
+        if not self.dir.is_dir():
+            return []
+        records = []
+        for path in sorted(self.dir.glob("epoch-*.json")):
+            try:
+                records.append(json.loads(path.read_text(encoding="utf-8")))
+            except FileNotFoundError:
+                continue
+        return records
+
+    def remove_epochs(self, epochs: Iterable[int]) -> None:
+        for epoch in epochs:
+            _unlink(self._epoch_path(int(epoch)))
+
+    def write_status(self, status: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.dir / "status.json", dumps({"status": status}))
+
+    def read_status(self) -> str | None:
+        try:
+            return json.loads((self.dir / "status.json").read_text(encoding="utf-8"))["status"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def clear_status(self) -> None:
+        _unlink(self.dir / "status.json")
+
+    def pending_epochs(self) -> int:
+        return len(list(self.dir.glob("epoch-*.json"))) if self.dir.is_dir() else 0
+
+    def discard(self) -> None:
+        """Remove the folder once everything in it was acknowledged."""
+        for path in (self.dir / "run.json", self.dir / "status.json"):
+            _unlink(path)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass  # not empty: something new arrived; keep it
+
+
+class LocalRunFile:
+    """Append-only JSON-lines record of a run, for `gradwatch import`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def append(self, kind: str, payload: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(dumps({"kind": kind, **payload}) + "\n")
+            f.flush()
+
+    @staticmethod
+    def read(path: Path | str) -> tuple[dict, list[dict], str | None]:
+        """Return (run payload, epoch records in file order, last status or None).
+
+        Raises ValueError with the line number when the file is not a gradwatch run file.
+        """
+        run: dict | None = None
+        epochs: dict[int, dict] = {}
+        status = None
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    kind = item["kind"]
+                    if kind == "run":
+                        run = dict(item["run"])
+                    elif kind == "epoch":
+                        epochs[int(item["record"]["epoch"])] = dict(item["record"])
+                    elif kind == "status":
+                        status = str(item["status"])
+                    else:
+                        raise ValueError(f"unknown record kind {kind!r}")
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"line {number}: not a gradwatch record ({exc})") from None
+        if run is None:
+            raise ValueError("no run header line; is this a gradwatch run file?")
+        return run, [epochs[k] for k in sorted(epochs)], status

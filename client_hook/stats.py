@@ -1,0 +1,309 @@
+"""Per-task gradient statistics: pure functions, no I/O, no threads.
+
+Notation (T tasks, W = the chosen shared parameters, w_i = task weight, L_i = task loss):
+
+- ``g_i = grad_W L_i`` (one vector over all of W), ``G_i = ||g_i||_2`` (`grad_norm`);
+- ``weighted_grad_norm_i = ||grad_W (w_i L_i)||_2 = |w_i| G_i`` (GradNorm's G_i^{(w)});
+- ``contribution_share_i = |w_i| G_i / sum_j |w_j| G_j`` (the task's share of the combined gradient
+  magnitude; 0/0 gives NaN, which is reported as such);
+- ``loss_ratio_i = L_i(t) / L_i(0)`` (inverse training rate; L_i(0) = the first observed loss, or a
+  value given by the user such as log(C) for C-class cross-entropy);
+- ``relative_inverse_rate_i = loss_ratio_i / mean_j loss_ratio_j`` (r_i);
+- ``cos(i, j) = <g_i, g_j> / max(G_i G_j, eps)`` (direction conflict when negative; like
+  ``torch.nn.functional.cosine_similarity``, a zero gradient gives 0 rather than NaN);
+- per step ``ratio = max_i G_i / min_i G_i``.
+
+All of these come from ONE Gram matrix ``K_ij = <g_i, g_j>`` (G_i = sqrt(K_ii)), so norms and every
+pairwise cosine cost one small matrix product per parameter. Formulas: Chen et al., "GradNorm",
+ICML 2018, Sec. 3; Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020 (cosines).
+
+A sampled step produces ONE flat tensor (`pack_step`); it is turned into Python numbers later, on
+the delivery thread (`step_stats`), and the epoch's steps are reduced by `epoch_record`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+COSINE_EPS = 1e-8
+TASK_FIELDS = (
+    "grad_norm",
+    "weighted_grad_norm",
+    "loss",
+    "loss_ratio",
+    "relative_inverse_rate",
+    "task_weight",
+    "contribution_share",
+)
+
+
+def pairs(num_tasks: int) -> list[tuple[int, int]]:
+    """Task index pairs (i < j) in the order cosines are packed."""
+    return [(i, j) for i in range(num_tasks) for j in range(i + 1, num_tasks)]
+
+
+def batched_task_grads(
+    stacked_losses: torch.Tensor, params: Sequence[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """All T per-task gradients in one vectorised backward (vmap over the VJP).
+
+    Returns, per parameter, a tensor of shape ``[T, *param.shape]`` (None where no task reaches it).
+    The graph is retained so that the caller's own ``backward()`` still works.
+    """
+    num_tasks = stacked_losses.shape[0]
+    eye = torch.eye(num_tasks, dtype=stacked_losses.dtype, device=stacked_losses.device)
+    grads = torch.autograd.grad(
+        stacked_losses,
+        list(params),
+        grad_outputs=eye,
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    return list(grads)
+
+
+def looped_task_grads(
+    losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """Same result as `batched_task_grads`, one ``autograd.grad`` per task (the fallback)."""
+    per_task = [
+        torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
+        for loss in losses
+    ]
+    out: list[torch.Tensor | None] = []
+    for p_index, param in enumerate(params):
+        column = [grads[p_index] for grads in per_task]
+        if all(g is None for g in column):
+            out.append(None)
+        elif len(column) == 1:
+            out.append(column[0].unsqueeze(0))  # a view: no copy for the common T-1 = 1 case
+        else:
+            out.append(torch.stack([torch.zeros_like(param) if g is None else g for g in column]))
+    return out
+
+
+def gram_matrix(grads: Sequence[torch.Tensor | None], num_tasks: int) -> torch.Tensor:
+    """``K_ij = <g_i, g_j>`` summed over parameters, in at least float32 (no host sync)."""
+    gram: torch.Tensor | None = None
+    for g in grads:
+        if g is None:
+            continue
+        flat = g.reshape(num_tasks, -1)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        block = flat @ flat.T
+        gram = block if gram is None else gram + block
+    if gram is None:
+        raise ValueError("no task loss depends on the monitored shared parameters")
+    return gram
+
+
+PACKABLE = ("weights", "reported_weights", "target_grad_norm", "balancer_loss")
+
+
+def pack_step(
+    head: torch.Tensor | Sequence[torch.Tensor],
+    losses: torch.Tensor,
+    initial_losses: torch.Tensor,
+    *extras: torch.Tensor,
+) -> torch.Tensor:
+    """The device-side numbers of one sampled step as ONE 1-D tensor, in ONE op (``cat``).
+
+    Layout: `head` (the T x T Gram matrix row-major, or the raw blocks of `derived_gram`), the
+    T losses, the T initial losses, then each extra tensor flattened (task weights etc. when they
+    are tensors). Everything derived from these (norms, ratios, cosines, shares) is computed
+    later, in Python, by `step_stats`.
+    """
+    parts = [head] if isinstance(head, torch.Tensor) else list(head)
+    return torch.cat([t.reshape(-1) for t in (*parts, losses, initial_losses, *extras)])
+
+
+@dataclass
+class StepStats:
+    """One sampled step in Python numbers (built on the delivery thread)."""
+
+    tasks: dict[str, dict[str, float]]
+    cosines: list[float]
+    balancer_loss: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        return norm_ratio([t["grad_norm"] for t in self.tasks.values()])
+
+
+def _div(a: float, b: float) -> float:
+    """IEEE division (x/0 = +-inf, 0/0 = NaN) instead of ZeroDivisionError."""
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a == 0 or math.isnan(a):
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _sqrt(x: float) -> float:
+    return x if math.isnan(x) else math.sqrt(x) if x > 0 else 0.0
+
+
+def derived_gram(
+    values: Sequence[float], num: int, derived: int, has_direct: Sequence[bool]
+) -> tuple[list[float], int]:
+    """The T x T Gram matrix of a step whose task `derived` was read from the user's backward.
+
+    Input: per parameter ``g.g`` then (if any direct task reaches it) ``a a^T`` and ``a g`` for
+    the D = T-1 direct tasks, then the T coefficients ``c``. With ``M = [a; g]`` and
+    ``A = [[I, 0], [-c_D / c_d, 1 / c_d]]`` the task gradients are ``A M``, so
+    ``K = A (M M^T) A^T``; rows are then put back in task order. Returns (K row-major, next pos).
+    """
+    d = num - 1
+    k_m = [[0.0] * num for _ in range(num)]  # rows/cols: direct tasks, then the total g
+    pos = 0
+    for direct in has_direct:
+        k_m[d][d] += values[pos]
+        pos += 1
+        if direct:
+            for i in range(d):
+                for j in range(d):
+                    k_m[i][j] += values[pos + i * d + j]
+            pos += d * d
+            for i in range(d):
+                k_m[i][d] += values[pos + i]
+                k_m[d][i] += values[pos + i]
+            pos += d
+    coeffs = list(values[pos : pos + num])
+    pos += num
+    c_direct = coeffs[:derived] + coeffs[derived + 1 :]
+    inv = _div(1.0, coeffs[derived])
+    a_map = [[1.0 if i == j else 0.0 for j in range(num)] for i in range(d)]
+    a_map.append([-c * inv for c in c_direct] + [inv])
+    full = [
+        [
+            sum(a_map[i][p] * k_m[p][q] * a_map[j][q] for p in range(num) for q in range(num))
+            for j in range(num)
+        ]
+        for i in range(num)
+    ]
+    rows = [i for i in range(num) if i != derived] + [derived]  # task index of each row
+    where = {task: row for row, task in enumerate(rows)}
+    gram = [full[where[i]][where[j]] for i in range(num) for j in range(num)]
+    return gram, pos
+
+
+def step_stats(
+    values: Sequence[float],
+    tasks: Sequence[str],
+    packed_fields: Sequence[str] = (),
+    host_fields: Mapping[str, Any] | None = None,
+) -> StepStats:
+    """Every per-step number, from `pack_step`'s values and the fields kept on the host.
+
+    `packed_fields` names the extras packed after the initial losses, in order; `host_fields`
+    holds the others as Python floats (``weights`` default 1; ``reported_weights`` default
+    ``weights``). Formulas: see the module docstring.
+    """
+    num = len(tasks)
+    fields: dict[str, Any] = dict(host_fields or {})
+    if "derived" in fields:
+        gram, pos = derived_gram(values, num, *fields["derived"])
+    else:
+        gram, pos = list(values[: num * num]), num * num
+    losses = values[pos : pos + num]
+    initial = values[pos + num : pos + 2 * num]
+    pos += 2 * num
+    for name in packed_fields:
+        if name == "balancer_loss":
+            fields[name], pos = values[pos], pos + 1
+        else:
+            fields[name], pos = list(values[pos : pos + num]), pos + num
+    weights = fields.get("weights") or [1.0] * num
+    shown = fields.get("reported_weights") or weights
+    norms = [_sqrt(gram[i * num + i]) for i in range(num)]
+    weighted = [abs(w) * g for w, g in zip(weights, norms, strict=True)]
+    total = sum(weighted)
+    loss_ratio = [_div(loss, l0) for loss, l0 in zip(losses, initial, strict=True)]
+    mean_ratio = sum(loss_ratio) / num
+    per_task: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(tasks):
+        per_task[name] = {
+            "grad_norm": norms[i],
+            "weighted_grad_norm": weighted[i],
+            "loss": losses[i],
+            "loss_ratio": loss_ratio[i],
+            "relative_inverse_rate": _div(loss_ratio[i], mean_ratio),
+            "task_weight": shown[i],
+            "contribution_share": _div(weighted[i], total),
+        }
+        if "target_grad_norm" in fields:
+            per_task[name]["target_grad_norm"] = fields["target_grad_norm"][i]
+    cosines = [_div(gram[i * num + j], max(norms[i] * norms[j], COSINE_EPS)) for i, j in pairs(num)]
+    balancer = fields.get("balancer_loss")
+    return StepStats(per_task, cosines, None if balancer is None else float(balancer))
+
+
+def norm_ratio(norms: Sequence[float | None]) -> float | None:
+    """``max / min`` of the norms; NaN if any is NaN, +inf if the smallest is 0 (and not all)."""
+    values = [v for v in norms if v is not None]
+    if not values:
+        return None
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    low, high = min(values), max(values)
+    if low == 0.0:
+        return 1.0 if high == 0.0 else math.inf
+    return high / low
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    # plain sum: math.fsum raises on inf + -inf, and NaN/inf are data here
+    return sum(values) / len(values) if values else None
+
+
+def _max(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return math.nan if any(math.isnan(v) for v in present) else max(present)
+
+
+def epoch_record(epoch: int, tasks: Sequence[str], steps: Sequence[StepStats]) -> dict:
+    """Reduce an epoch's sampled steps to the wire `EpochRecord` (without user-given values).
+
+    Every per-task field and every pair cosine is the mean over the sampled steps;
+    ``grad_norm_ratio = max_i mean G_i / min_i mean G_i``; ``peak_grad_norm_ratio`` is the largest
+    per-step ratio; ``min_cosine`` is the smallest pair mean. Epochs without a sampled step carry
+    no task numbers (None = not measured).
+    """
+    record: dict = {"epoch": epoch}
+    if not steps:
+        return record
+    task_block: dict[str, dict[str, float | None]] = {}
+    for name in tasks:
+        fields: dict[str, float | None] = {}
+        for field in (*TASK_FIELDS, "target_grad_norm"):
+            present = [s.tasks[name][field] for s in steps if field in s.tasks[name]]
+            if present:
+                fields[field] = _mean(present)
+        task_block[name] = fields
+    record["tasks"] = task_block
+    cosine_means = [_mean([s.cosines[k] for s in steps]) for k in range(len(steps[0].cosines))]
+    record["cosines"] = [
+        {"a": tasks[i], "b": tasks[j], "value": cosine_means[k]}
+        for k, (i, j) in enumerate(pairs(len(tasks)))
+    ]
+    record["grad_norm_ratio"] = norm_ratio([task_block[t]["grad_norm"] for t in tasks])
+    record["peak_grad_norm_ratio"] = _max([s.ratio for s in steps])
+    if cosine_means:
+        record["min_cosine"] = (
+            math.nan
+            if any(math.isnan(c) for c in cosine_means if c is not None)
+            else min(c for c in cosine_means if c is not None)
+        )
+    balancer = [s.balancer_loss for s in steps if s.balancer_loss is not None]
+    if balancer:
+        record["balancer_loss"] = _mean(balancer)
+    return record

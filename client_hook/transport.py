@@ -1,0 +1,384 @@
+"""Background delivery that never blocks or breaks training.
+
+Modelled on sentry_sdk's ``worker.py`` and segment's ``consumer.py``: one named daemon thread,
+started lazily and again after a ``fork`` (the pid is checked on every submit); a bounded queue fed
+with ``put_nowait`` (when it is full the item is written to the disk spool on the caller's thread:
+never block, never lose); batches closed on size or time; capped exponential backoff that honours
+``Retry-After``; no retry on a 4xx other than 408/429. Every failure is warned once, never raised.
+
+A *sink* does the actual work: `HttpSink` (spool, then send) or `FileSink` (local JSON-lines file).
+Items are objects with ``to_record() -> dict`` (an epoch; numbers are read off the device here, not
+on the training thread) or ``str`` (the run's final status).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from client_hook.api import MAX_BATCH, RefusedError, RetryableError, RunUploader, deliver_spool
+from client_hook.spool import LocalRunFile, RunSpool
+
+logger = logging.getLogger("gradwatch")
+_CLOSE = object()
+
+
+class GradwatchWarning(UserWarning):
+    """Something went wrong in the background; training goes on."""
+
+
+class WarnOnce:
+    """Each kind of problem is reported once per monitor (and kept in `messages` for inspection)."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._seen: set[str] = set()
+
+    def __call__(self, key: str, message: str) -> None:
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.messages.append(message)
+        warnings.warn(message, GradwatchWarning, stacklevel=2)
+
+
+class EpochItem(Protocol):
+    def to_record(self) -> dict: ...
+
+
+@dataclass
+class DeliveryReport:
+    pending_epochs: int
+    status_pending: bool
+    location: str
+
+    @property
+    def complete(self) -> bool:
+        return self.pending_epochs == 0 and not self.status_pending
+
+
+class FileSink:
+    """No server: append the run header, epochs and status to a local JSON-lines file."""
+
+    def __init__(self, path: Any, run: dict, warn: WarnOnce) -> None:
+        self.file = LocalRunFile(path)
+        self.run = run
+        self.warn = warn
+        self._header_written = False
+
+    def _append(self, kind: str, payload: dict) -> None:
+        try:
+            if not self._header_written:
+                self.file.append("run", {"run": self.run})
+                self._header_written = True
+            self.file.append(kind, payload)
+        except OSError as exc:
+            self.warn("file", f"gradwatch: cannot write the run file {self.file.path}: {exc}")
+
+    def accept(self, record: dict) -> None:
+        self._append("epoch", {"record": record})
+
+    def accept_status(self, status: str) -> None:
+        self._append("status", {"status": status})
+
+    spill = accept
+
+    def next_attempt_in(self) -> float | None:
+        return None
+
+    def attempt(self, timeout: float | None = None) -> None:
+        return None
+
+    def report(self) -> DeliveryReport:
+        return DeliveryReport(0, False, str(self.file.path))
+
+
+class HttpSink:
+    """Write-ahead to the spool, then send in batches with backoff."""
+
+    def __init__(
+        self,
+        uploader: RunUploader,
+        spool: RunSpool,
+        server_url: str,
+        warn: WarnOnce,
+        *,
+        batch_wait: float = 0.5,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        retry_after_cap: float = 120.0,
+    ) -> None:
+        self.uploader = uploader
+        self.spool = spool
+        self.warn = warn
+        self.batch_wait = batch_wait
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.retry_after_cap = retry_after_cap
+        self.pending: dict[int, dict] = {}
+        self.status: str | None = None
+        self.refused: str | None = None
+        self.spilled = False  # set by the training thread after writing to the spool itself
+        self._lock = threading.Lock()
+        self._first_pending_at: float | None = None
+        self._next_try_at = 0.0
+        self._backoff = backoff_base
+        self._failing = False
+        self._orphans_checked = False
+        spool.set_open(True)
+        try:
+            spool.write_meta(uploader.run, server_url)
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def _spool_failed(self, exc: OSError) -> None:
+        self.warn(
+            "spool",
+            f"gradwatch: cannot write the spool {self.spool.dir} ({exc}); "
+            "undelivered epochs are kept in memory only",
+        )
+
+    def accept(self, record: dict) -> None:
+        try:
+            self.spool.write_epoch(record)
+        except OSError as exc:
+            self._spool_failed(exc)
+        with self._lock:
+            self.pending[int(record["epoch"])] = record
+            if self._first_pending_at is None:
+                self._first_pending_at = time.monotonic()
+
+    def spill(self, record: dict) -> None:
+        """Called on the training thread when the queue is full: disk only, picked up later."""
+        try:
+            self.spool.write_epoch(record)
+            self.spilled = True
+        except OSError as exc:
+            self._spool_failed(exc)
+            self.accept(record)
+
+    def accept_status(self, status: str) -> None:
+        try:
+            self.spool.write_status(status)
+        except OSError as exc:
+            self._spool_failed(exc)
+        self.status = status
+
+    def next_attempt_in(self) -> float | None:
+        if self.refused or (not self.pending and not self.status and not self.spilled):
+            return None
+        now = time.monotonic()
+        batch_due = (self._first_pending_at or now) + self.batch_wait
+        if len(self.pending) >= MAX_BATCH or self.status or self.spilled:
+            batch_due = now
+        return max(batch_due, self._next_try_at) - now
+
+    def attempt(self, timeout: float | None = None) -> None:
+        """One delivery attempt of everything pending; never raises."""
+        if timeout is not None:
+            timeout = max(0.05, min(timeout, self.uploader.client.timeout))
+        if self.spilled:
+            self.spilled = False
+            for record in self.spool.load_epochs():
+                with self._lock:
+                    self.pending.setdefault(int(record["epoch"]), record)
+        try:
+            while self.pending:
+                with self._lock:
+                    batch = [
+                        self.pending[k] for k in sorted(self.pending)[: self.uploader.batch_size]
+                    ]
+                self.uploader.send_epochs(batch, timeout=timeout)
+                epochs = [int(r["epoch"]) for r in batch]
+                self.spool.remove_epochs(epochs)
+                with self._lock:
+                    for epoch in epochs:
+                        self.pending.pop(epoch, None)
+            if self.status:
+                self.uploader.send_status(self.status, timeout=timeout)
+                self.spool.clear_status()
+                self.spool.discard()
+                self.status = None
+        except RetryableError as exc:
+            self._retry_later(exc)
+            return
+        except RefusedError as exc:
+            self.refused = str(exc)
+            self.warn(
+                "refused",
+                f"gradwatch: the server refused run {self.uploader.run_id} "
+                f"({exc}); not retrying. Epochs stay in {self.spool.dir}; fix the "
+                "cause and run `gradwatch sync`. Training continues.",
+            )
+            return
+        except Exception as exc:  # noqa: BLE001 - a background failure must never escape
+            self._retry_later(RetryableError(f"{type(exc).__name__}: {exc}"))
+            return
+        if self._failing:
+            logger.warning("gradwatch: server reachable again; spooled epochs delivered")
+        self._failing = False
+        self._backoff = self.backoff_base
+        self._first_pending_at = None
+        if not self._orphans_checked:
+            self._orphans_checked = True
+            self._deliver_orphans()
+
+    def _deliver_orphans(self) -> None:
+        """Send what earlier, dead runs left in the same spool for the same server."""
+        client = self.uploader.client
+        for spool in RunSpool.all_runs(self.spool.root):
+            if spool.run_id == self.spool.run_id or spool.owner_alive():
+                continue
+            try:
+                if spool.read_meta().get("server_url") != client.base_url:
+                    continue
+                accepted, _, _ = deliver_spool(spool, client.base_url, client.token)
+                logger.warning(
+                    "gradwatch: delivered %d spooled epoch(s) of earlier run %s",
+                    accepted,
+                    spool.run_id,
+                )
+            except Exception as exc:  # noqa: BLE001 - background work: warn, never raise
+                self.warn(
+                    "orphans",
+                    f"gradwatch: could not deliver the spooled run "
+                    f"{spool.run_id} ({exc}); try `gradwatch sync`",
+                )
+
+    def _retry_later(self, exc: RetryableError) -> None:
+        delay = self._backoff
+        self._backoff = min(self.backoff_cap, self._backoff * 2)
+        if exc.retry_after is not None:
+            delay = (
+                exc.retry_after
+                if exc.retry_after == 0.0
+                else max(delay, min(exc.retry_after, self.retry_after_cap))
+            )
+        self._next_try_at = time.monotonic() + delay
+        self._failing = True
+        self.warn(
+            "unreachable",
+            f"gradwatch: cannot deliver to {self.uploader.client.base_url} "
+            f"({exc}); epochs are spooled in {self.spool.dir} and retried "
+            "in the background. Training continues.",
+        )
+
+    def report(self) -> DeliveryReport:
+        self.spool.set_open(False)  # asked at close: from now on `gradwatch sync` may take over
+        pending = (
+            len(self.pending)
+            if not self.spilled
+            else max(len(self.pending), self.spool.pending_epochs())
+        )
+        return DeliveryReport(pending, self.status is not None, str(self.spool.dir))
+
+
+class DeliveryWorker:
+    """The queue and its daemon thread. `submit` never blocks; `close` is bounded by a timeout."""
+
+    def __init__(
+        self,
+        sink: FileSink | HttpSink,
+        warn: WarnOnce,
+        queue_size: int = 256,
+        name: str = "gradwatch-delivery",
+    ) -> None:
+        self.sink = sink
+        self.warn = warn
+        self.queue_size = queue_size
+        self.name = name
+        self._pid: int | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self._thread: threading.Thread | None = None
+        self._deadline = float("inf")
+
+    def _ensure_thread(self) -> None:
+        if self._pid != os.getpid():  # first use, or we are a forked child: the thread is gone
+            self._pid = os.getpid()
+            self._queue = queue.Queue(self.queue_size)
+            self._thread = None
+        if self._thread is None or not self._thread.is_alive():
+            thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            thread.start()
+            self._thread = thread
+
+    def submit(self, item: Any) -> None:
+        try:
+            self._ensure_thread()
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._handle(item, self.sink.spill)
+        except RuntimeError:  # no new threads at interpreter shutdown: do it here
+            self._handle(item, self.sink.accept)
+
+    def _handle(self, item: Any, accept: Callable[[dict], None]) -> None:
+        try:
+            if isinstance(item, str):
+                self.sink.accept_status(item)
+            else:
+                accept(item.to_record())
+        except Exception as exc:  # noqa: BLE001 - never raise into the training loop
+            self.warn("convert", f"gradwatch: could not record an epoch ({exc!r}); it is skipped")
+
+    def _run(self) -> None:
+        while True:
+            wait = self.sink.next_attempt_in()
+            if wait is not None and wait <= 0:
+                self.sink.attempt()
+                continue
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if item is _CLOSE:
+                self._final_flush()
+                return
+            self._handle(item, self.sink.accept)
+
+    def _final_flush(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _CLOSE:
+                self._handle(item, self.sink.accept)
+        while (wait := self.sink.next_attempt_in()) is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0.05:
+                return
+            if wait > 0:
+                time.sleep(min(wait, remaining))
+                continue
+            self.sink.attempt(timeout=remaining)
+
+    def close(self, timeout: float) -> DeliveryReport:
+        """Flush for at most `timeout` seconds; whatever is left stays spooled."""
+        self._deadline = time.monotonic() + timeout
+        try:
+            self._ensure_thread()
+            self._queue.put(_CLOSE, timeout=max(0.0, timeout))
+        except (queue.Full, RuntimeError):
+            self._final_flush_here()
+        if self._thread is not None:
+            self._thread.join(max(0.0, self._deadline - time.monotonic()) + 0.2)
+            if self._thread.is_alive():
+                self._final_flush_here()
+        return self.sink.report()
+
+    def _final_flush_here(self) -> None:
+        """The worker is stuck (or cannot run): spool what is still queued, from this thread."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _CLOSE:
+                self._handle(item, self.sink.spill)

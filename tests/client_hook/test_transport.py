@@ -1,0 +1,214 @@
+"""Delivery against a scripted stdlib server: retries, Retry-After, refusals, hangs, a full queue,
+fork safety, and what a later run or `gradwatch sync` picks up from the spool."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+
+from client_hook import GradMonitor, GradwatchWarning
+from client_hook.api import ApiClient, RunUploader, parse_retry_after
+from client_hook.spool import RunSpool, dumps
+from client_hook.sync_cli import add_arguments
+from client_hook.sync_cli import run as sync_run
+from client_hook.transport import DeliveryWorker, FileSink, HttpSink, WarnOnce
+from tests.client_hook.fake_api import FakeApi
+from tests.client_hook.hook_support import TASKS, train
+
+
+@pytest.fixture
+def fake():
+    with FakeApi() as api:
+        yield api
+
+
+def _run(fake: FakeApi, tmp_path: Path, epochs: int = 3, **kwargs) -> GradMonitor:
+    """Train a few tiny epochs into a monitor that sends to `fake`; return it (not closed)."""
+    made: list[GradMonitor] = []
+
+    def factory(model):
+        made.append(
+            GradMonitor(
+                model.shared,
+                TASKS,
+                run_name="t",
+                server_url=fake.url,
+                spool_dir=tmp_path / "spool",
+                sample_every=1,
+                **kwargs,
+            )
+        )
+        return made[0]
+
+    train(factory, epochs=epochs, steps_per_epoch=2, sample_every=1)
+    return made[0]
+
+
+class _Record:
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def to_record(self) -> dict:
+        return {"epoch": self.epoch, "total_loss": float(self.epoch)}
+
+
+def _sink(fake: FakeApi, tmp_path: Path, timeout: float = 5.0, **kwargs) -> HttpSink:
+    run = {"id": "6a1c8d1e-36a4-4a38-9d59-1c2a2b43e0aa", "name": "t", "tasks": TASKS}
+    uploader = RunUploader(ApiClient(fake.url, timeout=timeout), run)
+    return HttpSink(
+        uploader, RunSpool(tmp_path / "spool", run["id"]), fake.url, WarnOnce(), **kwargs
+    )
+
+
+def test_server_errors_are_retried_until_every_epoch_arrives_once(fake, tmp_path):
+    fake.faults = [(500, {}), (502, {}), (503, {})]
+    report = _run(fake, tmp_path).close(timeout=15)
+    assert report.complete
+    (run_id,) = fake.runs
+    assert sorted(fake.epochs[run_id]) == [0, 1, 2] and len(fake.stored) == 3
+    assert fake.statuses[run_id] == "finished"
+
+
+def test_retry_after_is_honoured(fake, tmp_path):
+    fake.fault_paths = __import__("re").compile(".*/epochs")
+    fake.faults = [(503, {"Retry-After": "1"})]
+    _run(fake, tmp_path, epochs=1).close(timeout=15)
+    times = [t for t, method, path, _ in fake.requests if path.endswith("/epochs")]
+    assert len(times) == 2 and times[1] - times[0] >= 0.95
+
+
+def test_too_many_requests_is_retried(fake, tmp_path):
+    fake.faults = [(429, {"Retry-After": "0"})]
+    assert _run(fake, tmp_path, epochs=1).close(timeout=15).complete
+    assert len(fake.stored) == 1
+
+
+def test_refused_batch_is_not_retried_and_warned_once(fake, tmp_path):
+    fake.fault_paths = __import__("re").compile(".*/epochs")
+    fake.always = (422, {})
+    with pytest.warns(GradwatchWarning, match="refused") as caught:
+        monitor = _run(fake, tmp_path, epochs=3)
+        report = monitor.close(timeout=5)
+    assert fake.count("POST", "/epochs") == 1
+    refused = [str(w.message) for w in caught if "server refused" in str(w.message)]
+    assert len(refused) == 1, refused
+    assert report.pending_epochs == 3
+    assert RunSpool(tmp_path / "spool", monitor.run_id).pending_epochs() == 3
+
+
+def test_hanging_server_never_blocks_training_and_sync_delivers_after_recovery(fake, tmp_path):
+    fake.hang_seconds = 3.0
+    started = time.monotonic()
+    with pytest.warns(GradwatchWarning):
+        monitor = _run(fake, tmp_path, epochs=3, request_timeout=0.5)
+        trained = time.monotonic() - started
+        report = monitor.close(timeout=1.0)
+    closed = time.monotonic() - started
+    assert trained < 2.5, "training waited for the server"
+    assert closed < trained + 2.5, "close() overran its timeout"
+    assert report.pending_epochs == 3 and report.status_pending
+    fake.hang_seconds = 0.0
+    args = _sync_args(["--spool-dir", str(tmp_path / "spool")])
+    assert sync_run(args) == 0
+    assert sorted(fake.epochs[monitor.run_id]) == [0, 1, 2] and len(fake.stored) == 3
+    assert fake.statuses[monitor.run_id] == "finished"
+    assert not (tmp_path / "spool" / monitor.run_id).exists()
+
+
+def _sync_args(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "sync")
+    return parser.parse_args(argv)
+
+
+def test_full_queue_spills_to_disk_without_blocking_and_loses_nothing(fake, tmp_path):
+    fake.hang_seconds = 1.5
+    sink = _sink(fake, tmp_path, timeout=3.0, batch_wait=0.0)
+    worker = DeliveryWorker(sink, WarnOnce(), queue_size=2)
+    worker.submit(_Record(0))
+    time.sleep(0.5)  # the worker is now inside a request that hangs
+    slowest = 0.0
+    for epoch in range(1, 21):
+        started = time.monotonic()
+        worker.submit(_Record(epoch))
+        slowest = max(slowest, time.monotonic() - started)
+    assert slowest < 0.1
+    assert sink.spool.pending_epochs() >= 18  # written by this thread: the queue was full
+    fake.hang_seconds = 0.0
+    worker.submit("finished")
+    assert worker.close(timeout=20).complete
+    (run_id,) = fake.runs
+    assert sorted(fake.epochs[run_id]) == list(range(21)) and len(fake.stored) == 21
+
+
+def test_backoff_doubles_up_to_its_cap(fake, tmp_path):
+    fake.always = (500, {})
+    worker = DeliveryWorker(
+        _sink(fake, tmp_path, backoff_base=0.1, backoff_cap=0.4, batch_wait=0.0), WarnOnce()
+    )
+    worker.submit(_Record(0))
+    time.sleep(2.5)
+    times = [t for t, *_ in fake.requests]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)][:4]
+    assert len(gaps) == 4
+    for gap, expected in zip(gaps, [0.1, 0.2, 0.4, 0.4], strict=True):
+        assert expected * 0.9 <= gap <= expected + 0.3, gaps
+    fake.always = None
+    worker.close(timeout=5)
+
+
+def test_retry_after_parses_seconds_and_http_dates():
+    assert parse_retry_after("7") == 7.0
+    assert 8 <= parse_retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_non_finite_values_travel_as_the_api_strings():
+    text = dumps({"a": math.nan, "b": [math.inf, -math.inf, 1.5]})
+    assert text == '{"a":"NaN","b":["Infinity","-Infinity",1.5]}'
+
+
+def test_worker_starts_a_fresh_thread_in_a_forked_child(tmp_path):
+    worker = DeliveryWorker(FileSink(tmp_path / "run.jsonl", {"id": "x"}, WarnOnce()), WarnOnce())
+    worker.submit(_Record(0))
+    pid = os.fork()
+    if pid == 0:  # child: the parent's thread does not exist here
+        try:
+            worker.submit(_Record(1))
+            worker.close(timeout=5)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    worker.close(timeout=5)
+    lines = (tmp_path / "run.jsonl").read_text().splitlines()
+    assert sorted(line for line in lines if '"epoch"' in line) == sorted(
+        dumps({"kind": "epoch", "record": _Record(e).to_record()}) for e in (0, 1)
+    )
+
+
+def test_next_run_delivers_what_a_dead_run_left_in_the_spool(fake, tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    old = RunSpool(tmp_path / "spool", "0b0c5c8e-4f0e-4a53-8f3a-7a4b7f0b3c11")
+    old.write_meta({"id": old.run_id, "name": "old", "tasks": TASKS}, fake.url)
+    meta = old.read_meta() | {"pid": int(dead.stdout)}
+    (old.dir / "run.json").write_text(dumps(meta))
+    for epoch in (0, 1):
+        old.write_epoch({"epoch": epoch})
+    assert _run(fake, tmp_path, epochs=1).close(timeout=15).complete
+    assert sorted(fake.epochs[old.run_id]) == [0, 1]
+    assert fake.statuses[old.run_id] == "crashed"
+    assert not old.dir.exists()
