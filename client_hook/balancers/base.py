@@ -1,0 +1,89 @@
+"""The interface every balancer follows, and the weighted-sum backward most of them share.
+
+A balancer turns the per-task losses of one step into the gradients of that step:
+
+    balancer = GradNorm(["rul", "health"], model.shared)
+    for batch in loader:
+        losses = {"rul": ..., "health": ...}
+        optimizer.zero_grad()
+        balancer.backward(losses)          # fills the network's .grad (and steps its own weights)
+        optimizer.step()
+    balancer.end_epoch()                   # only DWA uses it; harmless for the others
+
+Nothing here calls `.item()` or branches on a tensor: every value stays on the device, so a step
+costs no host synchronisation (see torch's `clip_grad_norm_` for the same habit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Balancer:
+    """Common interface: `weights`, `backward()`, `report()`, `parameters()`, `end_epoch()`."""
+
+    name = "balancer"
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        if len(tasks) == 0:
+            raise ValueError("a balancer needs at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique: {list(tasks)}")
+        self.tasks: tuple[str, ...] = tuple(tasks)
+        self.num_tasks = len(self.tasks)
+
+    # -- the interface -------------------------------------------------------------------------
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        """The weight each task's loss gets in the current step (detached copies)."""
+        return self._as_dict(self._weight_vector())
+
+    def backward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """Compute this step's gradients into `.grad`; return the (detached) total loss."""
+        stacked = self.stack(losses)
+        weight = self._weight_vector().to(stacked.device)
+        total = (weight * stacked).sum()
+        total.backward()
+        return total.detach()
+
+    def report(self) -> dict[str, Any]:
+        """What the balancer did, for `GradMonitor.observe(..., extras=report)`."""
+        return {"task_weight": self.weights}
+
+    def parameters(self) -> list[Tensor]:
+        """Learnable tensors the USER's optimiser must step (empty for most balancers)."""
+        return []
+
+    def end_epoch(self, epoch_losses: Mapping[str, float | Tensor] | None = None) -> None:
+        """Called once per epoch; only loss-rate methods (DWA) need it."""
+
+    # -- helpers -------------------------------------------------------------------------------
+    def stack(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """The losses as one (T,) tensor in task order; the key sets must match exactly."""
+        if set(losses) != set(self.tasks):
+            raise KeyError(f"losses for {sorted(losses)} but the tasks are {list(self.tasks)}")
+        return torch.stack([losses[task].reshape(()) for task in self.tasks])
+
+    def _weight_vector(self) -> Tensor:
+        raise NotImplementedError
+
+    def _as_dict(self, vector: Tensor) -> dict[str, Tensor]:
+        # A clone: in-place updates of the weights must not change values already handed out.
+        values = vector.detach().clone()
+        return {task: values[i] for i, task in enumerate(self.tasks)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tasks={list(self.tasks)})"
+
+
+def shared_parameters(shared: nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    """The trainable tensors of a module, or a list of tensors as given."""
+    params = list(shared.parameters()) if isinstance(shared, nn.Module) else list(shared)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("the shared part has no trainable parameters")
+    return params

@@ -1,0 +1,137 @@
+"""GradNorm (Chen, Badrinarayanan, Lee, Rabinovich, ICML 2018, arXiv 1711.02257, Algorithm 1).
+
+Per step, with W the chosen shared weights (default: the last shared linear layer):
+
+    G_i      = || grad_W ( w_i L_i ) ||_2 = w_i || grad_W L_i ||   (w_i > 0; the weight is inside)
+    r_i      = Ltilde_i / mean_j Ltilde_j,  Ltilde_i = L_i(t) / L_i(0)
+    target_i = mean_j G_j * r_i ** alpha                          (a constant: detached)
+    L_grad   = sum_i | G_i - target_i |
+    dL_grad/dw_i = sign(G_i - target_i) || grad_W L_i ||             (w.r.t. the weights ONLY)
+
+The network gets the plain weighted gradient of sum_i w_i L_i; nothing of L_grad reaches it, since
+the norms are computed without a graph (see `task_grad.py`) and L_grad is differentiated with
+`torch.autograd.grad(L_grad, [w])`. The weights have their own Adam (kept across steps), are kept
+finite and strictly positive, and are renormalised to sum to T after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from client_hook.balancers.base import Balancer
+from client_hook.balancers.task_grad import TaskGradNorms
+
+_TINY = 1e-12
+
+
+class GradNorm(Balancer):
+    """GradNorm with a learnable weight per task.
+
+    Args:
+        tasks: task names, in a fixed order.
+        shared: the shared module (or a list of its tensors when ``on="parameters"``).
+        alpha: strength of the restoring force (paper: 1.5 NYUv2, 0.12 toy; 0 equalises G_i).
+        lr: Adam learning rate of the weights (paper, Section 5.1: 0.025).
+        on: W = ``"last_layer"`` (default), ``"parameters"`` or ``"representation"``.
+        initial_loss: fixed L_i(0) for some tasks, e.g. ``{"health": math.log(3)}`` for a
+            3-class cross-entropy (paper, footnote 2); the others take the first step's loss.
+        floor: weights are clamped to at least this before each renormalisation.
+
+    The weights are stepped inside `backward`; they are not in `parameters()`, so the user's
+    optimiser must not be given them.
+    """
+
+    name = "gradnorm"
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        shared: nn.Module | Iterable[Tensor],
+        *,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        on: str | None = None,
+        initial_loss: Mapping[str, float] | None = None,
+        floor: float = 1e-3,
+    ) -> None:
+        super().__init__(tasks)
+        if floor <= 0:
+            raise ValueError("floor must be > 0 so that the weights stay strictly positive")
+        unknown = set(initial_loss or {}) - set(self.tasks)
+        if unknown:
+            raise KeyError(f"initial_loss for unknown tasks: {sorted(unknown)}")
+        self.alpha = float(alpha)
+        self.floor = float(floor)
+        self.grad_norms = TaskGradNorms(shared, on=on)
+        device = self.grad_norms.device
+        # The learnable weights: one leaf tensor and one Adam, both kept for the whole run.
+        self.raw_weights = torch.ones(self.num_tasks, device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.raw_weights], lr=lr)
+        self._fixed_initial = dict(initial_loss or {})
+        self.initial_losses: Tensor | None = None
+        self._last: dict[str, Tensor] = {}
+
+    def _weight_vector(self) -> Tensor:
+        return self.raw_weights
+
+    def backward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        stacked = self.stack(losses)
+        weight = self.raw_weights
+        detached = stacked.detach().float()
+        if self.initial_losses is None:
+            self.initial_losses = self._initial_from(detached)
+
+        grad_norm = self.grad_norms(list(stacked.unbind()))  # ||grad_W L_i||, no graph
+        weighted_norm = weight * grad_norm  # G_i; graph through w only
+        loss_ratio = detached / self.initial_losses.clamp_min(_TINY)
+        relative_inverse_rate = loss_ratio / loss_ratio.mean()
+        target = (weighted_norm.detach().mean() * relative_inverse_rate**self.alpha).detach()
+        balancer_loss = (weighted_norm - target).abs().sum()
+        (weight_grad,) = torch.autograd.grad(balancer_loss, [weight])
+
+        # The network: the plain weighted sum with the weights of THIS step, as constants.
+        total = (weight.detach().to(stacked.dtype) * stacked).sum()
+        total.backward()
+
+        self._step_weights(weight_grad)
+        self._last = {
+            "target": target,
+            "balancer_loss": balancer_loss.detach(),
+            "grad_norm": grad_norm,
+        }
+        return total.detach()
+
+    def _initial_from(self, first: Tensor) -> Tensor:
+        initial = first.clone()
+        for i, task in enumerate(self.tasks):
+            if task in self._fixed_initial:
+                initial[i] = float(self._fixed_initial[task])
+        return initial
+
+    @torch.no_grad()
+    def _step_weights(self, weight_grad: Tensor) -> None:
+        # A NaN/Inf loss must not poison Adam's moments: such a step moves no weight.
+        self.raw_weights.grad = torch.nan_to_num(weight_grad, nan=0.0, posinf=0.0, neginf=0.0)
+        self.optimizer.step()
+        w = self.raw_weights
+        torch.nan_to_num_(w, nan=1.0, posinf=1.0, neginf=1.0)
+        w.clamp_(min=self.floor)
+        w.mul_(self.num_tasks / w.sum())
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task_weight": self.weights}
+        if self._last:
+            target = self._last["target"]
+            out["target_grad_norm"] = {t: target[i] for i, t in enumerate(self.tasks)}
+            out["balancer_loss"] = self._last["balancer_loss"]
+        return out
+
+    @property
+    def last_grad_norm(self) -> dict[str, Tensor]:
+        """||grad_W L_i|| (unweighted) measured in the last step."""
+        norms = self._last.get("grad_norm")
+        return {} if norms is None else {t: norms[i] for i, t in enumerate(self.tasks)}
