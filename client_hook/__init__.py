@@ -14,6 +14,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from client_hook.balancers import (
+        Balancer,
+        DynamicWeightAverage,
+        EqualWeights,
+        FixedWeights,
+        GradNorm,
+        InverseGradNormWeighting,
+        PCGrad,
+        UncertaintyWeighting,
+        make_balancer,
+    )
     from client_hook.monitor import GradMonitor
     from client_hook.transport import DeliveryReport, GradwatchWarning
 
@@ -22,9 +33,36 @@ _EXPORTS = {
     "GradMonitor": "client_hook.monitor",
     "DeliveryReport": "client_hook.transport",
     "GradwatchWarning": "client_hook.transport",
+    **{
+        name: "client_hook.balancers"
+        for name in (
+            "Balancer",
+            "DynamicWeightAverage",
+            "EqualWeights",
+            "FixedWeights",
+            "GradNorm",
+            "InverseGradNormWeighting",
+            "PCGrad",
+            "UncertaintyWeighting",
+            "make_balancer",
+        )
+    },
 }
 
-__all__ = ["DeliveryReport", "GradMonitor", "GradwatchWarning"]
+__all__ = [
+    "Balancer",
+    "DeliveryReport",
+    "DynamicWeightAverage",
+    "EqualWeights",
+    "FixedWeights",
+    "GradMonitor",
+    "GradNorm",
+    "GradwatchWarning",
+    "InverseGradNormWeighting",
+    "PCGrad",
+    "UncertaintyWeighting",
+    "make_balancer",
+]
 
 
 def __getattr__(name: str) -> Any:

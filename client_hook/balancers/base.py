@@ -16,6 +16,7 @@ costs no host synchronisation (see torch's `clip_grad_norm_` for the same habit)
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 
-class Balancer:
+class Balancer(ABC):
     """Common interface: `weights`, `backward()`, `report()`, `parameters()`, `end_epoch()`."""
 
     name = "balancer"
@@ -58,7 +59,9 @@ class Balancer:
         """Learnable tensors the USER's optimiser must step (empty for most balancers)."""
         return []
 
-    def end_epoch(self, epoch_losses: Mapping[str, float | Tensor] | None = None) -> None:
+    def end_epoch(  # noqa: B027 - an optional hook: most balancers have nothing to do here
+        self, epoch_losses: Mapping[str, float | Tensor] | None = None
+    ) -> None:
         """Called once per epoch; only loss-rate methods (DWA) need it."""
 
     # -- helpers -------------------------------------------------------------------------------
@@ -68,8 +71,9 @@ class Balancer:
             raise KeyError(f"losses for {sorted(losses)} but the tasks are {list(self.tasks)}")
         return torch.stack([losses[task].reshape(()) for task in self.tasks])
 
+    @abstractmethod
     def _weight_vector(self) -> Tensor:
-        raise NotImplementedError
+        """The (T,) weight vector of the current step, in task order."""
 
     def _as_dict(self, vector: Tensor) -> dict[str, Tensor]:
         # A clone: in-place updates of the weights must not change values already handed out.
