@@ -211,6 +211,7 @@ def _prepare(
     if rec.step_count is not None and rec.step_count > MAX_INT32:
         raise InvalidInput(f"{where}.step_count", f"must be at most {MAX_INT32}")
     task_rows, norms, weights, parts = [], {}, {}, []
+    weighted: dict[str, float | None] = {}
     non_finite = False
     for name, te in rec.tasks.items():
         if name not in tasks:
@@ -219,6 +220,7 @@ def _prepare(
         values = _task_values(te)
         task_rows.append((run_key, task_id, rec.epoch, *values))
         norms[name], weights[name] = te.grad_norm, te.task_weight
+        weighted[name] = te.weighted_grad_norm
         packed, bad = _pack(values)
         parts.append((position, -1, packed))
         non_finite = non_finite or bad
@@ -240,7 +242,10 @@ def _prepare(
         non_finite = non_finite or bad
     ratio = rec.grad_norm_ratio
     if ratio is None:
-        ratio = _ratio([g for g in norms.values() if g is not None])
+        # The imbalance the optimiser follows is between the WEIGHTED gradients; with equal
+        # (or unreported) weights that is the plain norm ratio.
+        source = weighted if weighted and None not in weighted.values() else norms
+        ratio = _ratio([g for g in source.values() if g is not None])
     min_cos = rec.min_cosine
     if min_cos is None and cosine_rows:
         measured = [r[-1] for r in cosine_rows if r[-1] is not None]

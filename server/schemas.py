@@ -106,7 +106,10 @@ class EpochRecord(ApiModel):
     )
     cosines: list[PairCosine] = Field(default_factory=list)
     grad_norm_ratio: Metric = Field(
-        None, description="max_i G_i / min_i G_i; computed from the task grad_norms when missing."
+        None,
+        description="max_i / min_i of the weighted gradient norms |w_i| G_i (the imbalance the "
+        "optimiser follows). When missing, the server computes it from the tasks' "
+        "weighted_grad_norm if every task has one, else from grad_norm.",
     )
     peak_grad_norm_ratio: Metric = Field(None, description="Largest per-step ratio in the epoch.")
     min_cosine: Metric = Field(None, description="Computed from `cosines` when missing.")

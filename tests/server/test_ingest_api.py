@@ -120,6 +120,25 @@ def test_ingest_computes_ratio_and_min_cosine_when_missing(client: TestClient) -
     assert body["cosines"] == [{"a": "rul", "b": "health", "values": [-0.25]}]
 
 
+def test_ingest_ratio_uses_weighted_norms_when_every_task_has_one(client: TestClient) -> None:
+    run = make_run(client)
+    record = epoch(0, {"rul": 400.0, "health": 1.0})
+    record["tasks"]["rul"]["weighted_grad_norm"] = 2.0  # w_rul = 0.005, as GradNorm would set
+    record["tasks"]["health"]["weighted_grad_norm"] = 1.0
+    ingest(client, run["id"], [record])
+    body = client.get(f"/api/runs/{run['id']}/metrics").json()
+    assert body["epoch_metrics"]["grad_norm_ratio"] == [2.0]
+
+
+def test_ingest_ratio_falls_back_to_plain_norms_without_weighted_ones(client: TestClient) -> None:
+    run = make_run(client)
+    record = epoch(0, {"rul": 400.0, "health": 1.0})
+    del record["tasks"]["rul"]["weighted_grad_norm"]
+    ingest(client, run["id"], [record])
+    body = client.get(f"/api/runs/{run['id']}/metrics").json()
+    assert body["epoch_metrics"]["grad_norm_ratio"] == [400.0]
+
+
 def test_ingest_ratio_with_a_zero_norm_is_infinite(client: TestClient) -> None:
     run = make_run(client)
     ingest(client, run["id"], [epoch(0, {"rul": 3.0, "health": 0.0})])
