@@ -1,8 +1,21 @@
-"""Bearer-token checks, the request-body size limit, and the security headers (CSP)."""
+"""Bearer-token checks, the dashboard's session cookie, the request-body size limit, and the
+security headers (CSP).
+
+With GRADWATCH_TOKEN set, writes need `Authorization: Bearer <token>`, always: a cookie never
+authorises a write (a browser sends cookies on cross-site form posts; bearer headers it does not).
+With GRADWATCH_PROTECT_READS as well, reads need the bearer header OR the session cookie that
+`POST /login` (server/routes/login.py) sets for a browser, which cannot send the header.
+
+The cookie is `<expires>.<HMAC-SHA256(key=token, "gradwatch-session-v1|<expires>")>`: it carries
+no secret, expires on its own, and changing the token invalidates every cookie issued with the
+old one.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,32 +23,76 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
-from server.errors import BODY_TOO_LARGE, Unauthorized, error_response
+from server.errors import BODY_TOO_LARGE, Unauthorized, error_response, wants_json
 
 bearer = HTTPBearer(auto_error=False, description="GRADWATCH_TOKEN, when the server has one.")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+SESSION_COOKIE = "gradwatch_session"
+SESSION_SECONDS = 7 * 24 * 3600
+_SESSION_LABEL = b"gradwatch-session-v1|"
+
+
+class LoginRequired(Unauthorized):
+    """A page (not /api) read without credentials; server/routes/login.py answers it with the
+    login form. Where that handler is not installed it is an ordinary 401."""
+
+
+def token_matches(token: str, given: str) -> bool:
+    """Constant-time: the comparison does not reveal how many leading characters matched."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
+
+
+def _session_mac(token: str, expires: int) -> str:
+    message = _SESSION_LABEL + str(expires).encode()
+    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def new_session(token: str, now: float | None = None) -> str:
+    """A session cookie value for `token`, valid SESSION_SECONDS from `now`."""
+    expires = int(now if now is not None else time.time()) + SESSION_SECONDS
+    return f"{expires}.{_session_mac(token, expires)}"
+
+
+def session_valid(token: str, value: str | None, now: float | None = None) -> bool:
+    """Whether `value` is an unexpired session cookie issued with `token`."""
+    if not value or len(value) > 128:
+        return False
+    expires_text, _, mac = value.partition(".")
+    if not (expires_text.isascii() and expires_text.isdigit() and len(expires_text) < 16):
+        return False
+    expires = int(expires_text)
+    if expires < (now if now is not None else time.time()):
+        return False
+    expected = _session_mac(token, expires)
+    return hmac.compare_digest(mac.encode("ascii", "replace"), expected.encode("ascii"))
 
 
 def _check(settings: Settings, creds: HTTPAuthorizationCredentials | None) -> None:
     token = settings.token
     if not token:
         return
-    given = creds.credentials if creds is not None else ""
-    # constant-time: the comparison does not reveal how many leading characters matched
-    if not hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8")):
+    if not token_matches(token, creds.credentials if creds is not None else ""):
         raise Unauthorized()
 
 
 def require_write(request: Request, creds: Credentials) -> None:
-    """Writes need the token whenever GRADWATCH_TOKEN is set."""
+    """Writes need the bearer token whenever GRADWATCH_TOKEN is set; the cookie does not count."""
     _check(request.app.state.settings, creds)
 
 
 def require_read(request: Request, creds: Credentials) -> None:
-    """Reads need it only with GRADWATCH_PROTECT_READS as well."""
+    """Reads need the bearer token or the session cookie, only with GRADWATCH_PROTECT_READS.
+    Sets `request.state.session_cookie` (a valid cookie came along) for the page header."""
     settings: Settings = request.app.state.settings
-    if settings.protect_reads:
-        _check(settings, creds)
+    token = settings.token
+    by_cookie = bool(token) and session_valid(token or "", request.cookies.get(SESSION_COOKIE))
+    request.state.session_cookie = by_cookie
+    if not token or not settings.protect_reads or by_cookie:
+        return
+    if creds is not None and token_matches(token, creds.credentials):
+        return
+    raise Unauthorized() if wants_json(request) else LoginRequired()
 
 
 class _TooLarge(Exception):
