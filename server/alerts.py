@@ -14,6 +14,15 @@ Rules (a value that is missing, `None`, leaves an episode as it is):
 - conflict: min_cosine < 0 for CONFLICT_EPOCHS consecutive epochs (records, in epoch order;
   negative cosines mean the task gradients pull against each other, Yu et al. 2020, PCGrad).
   `opened_epoch` is the first epoch of the streak. Peak: the most negative cosine.
+  Hysteresis: cosines that hover around 0 would open and close an episode every few epochs, so
+  an open conflict closes only after CONFLICT_CLEAR_EPOCHS consecutive epochs with
+  min_cosine >= 0; a negative cosine in between resets that count and the episode stays open.
+  `closed_epoch` is the first epoch of that clear streak (where the conflict ended), recorded
+  once the streak is complete, i.e. CONFLICT_CLEAR_EPOCHS - 1 epochs later.
+
+Imbalance has no hysteresis on purpose: crossing the threshold is the event users watch for.
+Its message shows as many digits as it takes for the ratio to read above the threshold
+(10.03x, not 10x).
 
 Out-of-order epochs: episodes are a function of the epoch-ordered history, never of arrival
 order. A batch that only appends (every new epoch after the last stored one) is evaluated
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -36,6 +45,7 @@ from server import models
 from server.models import utcnow
 
 CONFLICT_EPOCHS = 3
+CONFLICT_CLEAR_EPOCHS = 3
 WEIGHT_COLLAPSE_SHARE = 0.01
 
 Key = tuple[str, str | None]
@@ -73,10 +83,26 @@ class AlertState:
     open: dict[Key, Episode] = field(default_factory=dict)
     closed: list[Episode] = field(default_factory=list)
     streak: list[tuple[int, float]] = field(default_factory=list)  # trailing negative cosines
+    clear: list[int] = field(default_factory=list)  # epochs of trailing cosines >= 0, while open
 
 
 def _is_num(v: float | None) -> bool:
     return v is not None and not math.isnan(v)
+
+
+def _num(value: float) -> str:
+    """The shortest text that reads back as `value` (10, 10.5, 1e+20)."""
+    return repr(value).removesuffix(".0") if math.isfinite(value) else str(value)
+
+
+def _above(value: float, threshold: float) -> str:
+    """`value` (> threshold) with 3 significant digits, or more where 3 would make it read as
+    the threshold or below: 10.03 over 10 gives "10.03", not "10"."""
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if float(text) > threshold:
+            return text
+    return _num(value)
 
 
 def _open(state: AlertState, ep: Episode) -> None:
@@ -98,7 +124,8 @@ def _imbalance(state: AlertState, e: EpochView, threshold: float) -> None:
     ep = state.open.get(key)
     if r > threshold:
         if ep is None:
-            msg = f"gradient-norm ratio {r:.3g} above the threshold {threshold:g}"
+            shown, limit = _above(r, threshold), _num(threshold)
+            msg = f"gradient-norm ratio {shown}x above the threshold {limit}x"
             _open(state, Episode("imbalance", None, e.epoch, r, msg))
         elif ep.peak_value is None or r > ep.peak_value:
             ep.peak_value = r
@@ -147,6 +174,7 @@ def _conflict(state: AlertState, e: EpochView) -> None:
     ep = state.open.get(key)
     if c < 0:
         if ep is not None:
+            state.clear.clear()  # hysteresis: the clear streak starts over
             if ep.peak_value is None or c < ep.peak_value:
                 ep.peak_value = c
             return
@@ -159,7 +187,10 @@ def _conflict(state: AlertState, e: EpochView) -> None:
     else:
         state.streak.clear()
         if ep is not None:
-            _close(state, key, e.epoch)
+            state.clear.append(e.epoch)
+            if len(state.clear) >= CONFLICT_CLEAR_EPOCHS:
+                _close(state, key, state.clear[0])
+                state.clear.clear()
 
 
 def evaluate(epochs: Iterable[EpochView], state: AlertState, threshold: float) -> AlertState:
@@ -189,21 +220,38 @@ def _load_state(session: Session, run_id: uuid.UUID, before: int) -> AlertState:
         )
     ).all()
     state = AlertState(open={(r.kind, r.task): _episode(r) for r in rows})
-    if ("conflict", None) not in state.open:
-        e = models.Epoch
-        recent = session.execute(
+    conflict_open = ("conflict", None) in state.open
+    # While a conflict is open, the trailing cosines >= 0 (the clear streak); otherwise the
+    # trailing negative ones (the streak that may open one). NaN cosines are skipped, as in
+    # `_conflict`, so the walk goes back page by page until a cosine of the other sign.
+    for epoch, c in _trailing_cosines(session, run_id, before):
+        if (c < 0) == conflict_open:
+            break
+        if conflict_open:
+            state.clear.insert(0, epoch)
+        else:
+            state.streak.insert(0, (epoch, c))
+    return state
+
+
+def _trailing_cosines(
+    session: Session, run_id: uuid.UUID, before: int, page: int = 64
+) -> Iterator[tuple[int, float]]:
+    """(epoch, min_cosine) of the stored epochs before `before`, newest first, NaN left out."""
+    e = models.Epoch
+    while True:
+        rows = session.execute(
             sa.select(e.epoch, e.min_cosine)
             .where(e.run_id == run_id, e.epoch < before, e.min_cosine.is_not(None))
             .order_by(e.epoch.desc())
-            .limit(4 * CONFLICT_EPOCHS)
+            .limit(page)
         ).all()
-        for epoch, c in recent:
-            if c is None or math.isnan(c):
-                continue
-            if c >= 0:
-                break
-            state.streak.insert(0, (epoch, c))
-    return state
+        for epoch, c in rows:
+            if c is not None and not math.isnan(c):
+                yield epoch, c
+        if len(rows) < page:
+            return
+        before = rows[-1][0]
 
 
 def history(session: Session, run_id: uuid.UUID) -> list[EpochView]:

@@ -55,10 +55,65 @@ def test_weight_collapse_below_one_percent_of_mean() -> None:
 
 
 def test_conflict_needs_three_consecutive_negative_epochs() -> None:
-    cosines = [-0.1, -0.2, 0.3, -0.1, -0.5, -0.2, -0.3, 0.1]
+    cosines = [-0.1, -0.2, 0.3, -0.1, -0.5, -0.2, -0.3, 0.1, 0.2, 0.1]
     state = _run_rules([EpochView(i, None, c) for i, c in enumerate(cosines)])
     assert _episodes(state) == [("conflict", None, 3, 7)]
     assert state.closed[0].peak_value == -0.5
+
+
+def test_conflict_stays_open_until_three_clear_epochs() -> None:
+    cosines = [-0.1, -0.2, -0.3, 0.1, 0.2]
+    state = _run_rules([EpochView(i, None, c) for i, c in enumerate(cosines)])
+    assert _episodes(state) == [("conflict", None, 0, None)]
+
+
+def test_conflict_closes_at_the_first_epoch_of_the_clear_streak() -> None:
+    cosines = [-0.1, -0.2, -0.3, 0.1, 0.0, 0.2]
+    state = _run_rules([EpochView(i, None, c) for i, c in enumerate(cosines)])
+    assert _episodes(state) == [("conflict", None, 0, 3)]
+
+
+def test_conflict_hovering_near_zero_is_one_episode_not_a_flap() -> None:
+    cosines = [-0.02, -0.01, -0.03] + [0.01, -0.01] * 20 + [0.02, -0.02, -0.01]
+    state = _run_rules([EpochView(i, None, c) for i, c in enumerate(cosines)])
+    assert _episodes(state) == [("conflict", None, 0, None)]
+    assert state.open[("conflict", None)].peak_value == -0.03
+
+
+def test_conflict_negative_epoch_restarts_the_clear_count() -> None:
+    cosines = [-0.1, -0.2, -0.3, 0.1, 0.1, -0.4, 0.1, 0.1, 0.1]
+    state = _run_rules([EpochView(i, None, c) for i, c in enumerate(cosines)])
+    assert _episodes(state) == [("conflict", None, 0, 6)]
+    assert state.closed[0].peak_value == -0.4
+
+
+def test_conflict_clear_count_skips_missing_cosines() -> None:
+    cosines = [-0.1, -0.2, -0.3, 0.1, None, math.nan, 0.1, 0.1]
+    state = _run_rules([EpochView(i, None, c) for i, c in enumerate(cosines)])
+    assert _episodes(state) == [("conflict", None, 0, 3)]
+
+
+def test_imbalance_message_reads_above_the_threshold() -> None:
+    state = _run_rules([EpochView(0, 10.03, None)], threshold=10.0)
+    message = state.open[("imbalance", None)].message
+    assert "10.03x" in message
+    assert "threshold 10x" in message
+
+
+def test_imbalance_message_shows_as_many_digits_as_needed() -> None:
+    state = _run_rules([EpochView(0, 10.0004, None)], threshold=10.0)
+    assert "ratio 10.0004x" in state.open[("imbalance", None)].message
+
+
+def test_imbalance_message_keeps_three_digits_when_they_suffice() -> None:
+    state = _run_rules([EpochView(0, 123.456, None)], threshold=10.0)
+    assert "ratio 123x above the threshold 10x" in state.open[("imbalance", None)].message
+
+
+def test_imbalance_message_shows_a_fractional_threshold() -> None:
+    state = _run_rules([EpochView(0, 7.5001, None)], threshold=7.5)
+    message = state.open[("imbalance", None)].message
+    assert "ratio 7.5001x above the threshold 7.5x" in message
 
 
 def test_ingest_reports_opened_and_closed_alerts(client: TestClient) -> None:
@@ -92,6 +147,44 @@ def test_conflict_streak_spans_batches(client: TestClient) -> None:
         ingest(client, run["id"], [epoch(i, {"rul": 1.0, "health": 1.0}, cosines=cos)])
     alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
     assert [(a["kind"], a["opened_epoch"]) for a in alerts] == [("conflict", 0)]
+
+
+def test_conflict_clear_streak_spans_batches(client: TestClient) -> None:
+    run = make_run(client)
+    cos = lambda v: [{"a": "rul", "b": "health", "value": v}]  # noqa: E731
+    norms = {"rul": 1.0, "health": 1.0}
+    ingest(client, run["id"], [epoch(i, norms, cosines=cos(-0.2)) for i in range(3)])
+    ingest(client, run["id"], [epoch(i, norms, cosines=cos(0.1)) for i in range(3, 5)])
+    alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
+    assert [(a["kind"], a["opened_epoch"], a["closed_epoch"]) for a in alerts] == [
+        ("conflict", 0, None)
+    ]
+    result = ingest(client, run["id"], [epoch(5, norms, cosines=cos(0.1))]).json()
+    assert result["alerts_closed"] == 1
+    alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
+    assert [(a["kind"], a["opened_epoch"], a["closed_epoch"]) for a in alerts] == [
+        ("conflict", 0, 3)
+    ]
+
+
+def test_conflict_clear_streak_restarts_across_batches(client: TestClient) -> None:
+    run = make_run(client)
+    cos = lambda v: [{"a": "rul", "b": "health", "value": v}]  # noqa: E731
+    norms = {"rul": 1.0, "health": 1.0}
+    values = [-0.2, -0.2, -0.2, 0.1, 0.1, -0.3, 0.1, 0.1]
+    for i, v in enumerate(values):
+        ingest(client, run["id"], [epoch(i, norms, cosines=cos(v))])
+    alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
+    assert [(a["opened_epoch"], a["closed_epoch"], a["peak_value"]) for a in alerts] == [
+        (0, None, -0.3)
+    ]
+
+
+def test_ingest_stores_the_imbalance_message_with_enough_digits(client: TestClient) -> None:
+    run = make_run(client)
+    ingest(client, run["id"], [epoch(0, {"rul": 10.03, "health": 1.0})])
+    alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
+    assert alerts[0]["message"] == "gradient-norm ratio 10.03x above the threshold 10x"
 
 
 def _pattern(i: int) -> dict[str, float | str]:
