@@ -85,7 +85,9 @@ class GradNorm(Balancer):
         if self.initial_losses is None:
             self.initial_losses = self._initial_from(detached)
 
-        grad_norm = self.grad_norms(list(stacked.unbind()))  # ||grad_W L_i||, no graph
+        # ||grad_W L_i||, no graph. From the caller's losses, not from views of `stacked`: a
+        # backward from stacked[i] runs through the stack into EVERY task's head (with zeros).
+        grad_norm = self.grad_norms([losses[task] for task in self.tasks])
         weighted_norm = weight * grad_norm  # G_i; graph through w only
         loss_ratio = detached / self.initial_losses.clamp_min(_TINY)
         relative_inverse_rate = loss_ratio / loss_ratio.mean()
