@@ -14,7 +14,7 @@ Peers, same model and data:
   are loaded, from their files, under a stub parent package. The benchmark re-runs itself in that
   environment so that every method is timed in the same process.
 
-    .venv/bin/python bench/balancer_cost.py [--rounds 30] [--no-libmtl]
+    .venv/bin/python bench/balancer_cost.py [--rounds 60] [--no-libmtl]
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def libmtl_gradnorm_step(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--width", type=int, default=1024)
@@ -217,24 +217,37 @@ def main() -> int:
     torch.set_num_threads(1)
     libmtl = None if args.no_libmtl else load_libmtl_gradnorm()
     steps = build_steps(batch_size=args.batch_size, width=args.width, libmtl_gradnorm=libmtl)
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    # Wall time and this thread's CPU time (with one torch thread every kernel runs on the calling
+    # thread, so CPU time is far less disturbed by other processes on a shared machine). The
+    # order of the methods alternates every round so that no method always runs after another.
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for round_index in range(args.warmup + args.rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            elapsed = time.perf_counter() - start
+        for name in names if round_index % 2 == 0 else reversed(names):
+            start_wall, start_cpu = time.perf_counter(), time.thread_time()
+            steps[name]()
+            elapsed_cpu, elapsed_wall = (
+                time.thread_time() - start_cpu,
+                time.perf_counter() - start_wall,
+            )
             if round_index >= args.warmup:
-                times[name].append(elapsed)
+                wall[name].append(elapsed_wall)
+                cpu[name].append(elapsed_cpu)
 
-    base = statistics.median(times["equal"])
+    base_wall, base_cpu = statistics.median(wall["equal"]), statistics.median(cpu["equal"])
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch "
         f"{args.batch_size}, trunk 4x{args.width}, rounds {args.rounds}"
     )
-    print(f"{'method':<24}{'median step ms':>16}{'vs equal':>10}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<24}{median * 1e3:>16.2f}{median / base:>9.2f}x")
+    print(
+        f"{'method':<24}{'median wall ms':>15}{'vs equal':>10}{'median cpu ms':>15}{'vs equal':>10}"
+    )
+    for name in names:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(
+            f"{name:<24}{w * 1e3:>15.2f}{w / base_wall:>9.2f}x{c * 1e3:>15.2f}{c / base_cpu:>9.2f}x"
+        )
     return 0
 
 

@@ -149,7 +149,9 @@ class InverseGradNormWeighting(Balancer):
 
     def backward(self, losses: Mapping[str, Tensor]) -> Tensor:
         stacked = self.stack(losses)
-        norms = self.grad_norms(list(stacked.unbind()))
+        # The caller's own losses, not slices of `stacked`: a backward from a slice would also run
+        # every other task's head and the trunk-output sum once per task.
+        norms = self.grad_norms([losses[task] for task in self.tasks])
         smoothed = norms if self._smoothed is None else torch.lerp(norms, self._smoothed, self.beta)
         self._smoothed = smoothed
         inverse = 1.0 / torch.nan_to_num(smoothed, nan=1.0).clamp_min(1e-12)
