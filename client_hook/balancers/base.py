@@ -28,6 +28,10 @@ class Balancer(ABC):
     """Common interface: `weights`, `backward()`, `report()`, `parameters()`, `end_epoch()`."""
 
     name = "balancer"
+    weighted_sum_backward = True
+    """True when `backward()` is exactly the backward of `sum_i w_i L_i` and nothing else: a
+    monitor may then read the combined gradient from it (`GradMonitor(reuse_backward=...)`).
+    False for balancers that run gradient passes of their own (GradNorm, PCGrad, inverse-grad)."""
 
     def __init__(self, tasks: Sequence[str]) -> None:
         if len(tasks) == 0:

@@ -46,6 +46,7 @@ class GradNorm(Balancer):
     """
 
     name = "gradnorm"
+    weighted_sum_backward = False
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ class PCGrad(Balancer):
     """Gradient surgery on the shared parameters; every loss weighted 1."""
 
     name = "pcgrad"
+    weighted_sum_backward = False
 
     def __init__(
         self, tasks: Sequence[str], shared: nn.Module | Iterable[Tensor], *, seed: int = 0

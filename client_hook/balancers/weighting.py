@@ -123,6 +123,7 @@ class InverseGradNormWeighting(Balancer):
     """
 
     name = "inverse-grad"
+    weighted_sum_backward = False
 
     def __init__(
         self,

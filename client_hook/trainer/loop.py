@@ -155,7 +155,7 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
     if balancer.parameters():
         groups.append({"params": balancer.parameters(), "lr": config.balancer_lr})
     optimizer = torch.optim.Adam(groups)
-    monitor = _make_monitor(config, problem, tasks, hint) if config.monitor else None
+    monitor = _make_monitor(config, problem, tasks, hint, balancer) if config.monitor else None
     result = TrainResult(config, tasks, run_id=getattr(monitor, "run_id", None))
     status = "failed"
     try:
@@ -174,7 +174,9 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
     return result
 
 
-def _make_monitor(config: TrainConfig, problem: Any, tasks: list[str], hint: dict) -> Any:
+def _make_monitor(
+    config: TrainConfig, problem: Any, tasks: list[str], hint: dict, balancer: Balancer
+) -> Any:
     from client_hook import GradMonitor
 
     name = config.run_name or f"{config.dataset}-{config.method}-seed{config.seed}"
@@ -189,6 +191,9 @@ def _make_monitor(config: TrainConfig, problem: Any, tasks: list[str], hint: dic
         sample_every=config.sample_every,
         config=settings,
         initial_losses=hint or None,
+        # GradNorm, PCGrad and inverse-grad run gradient passes of their own inside backward():
+        # the monitor must then measure each task directly instead of reading that backward.
+        reuse_backward=balancer.weighted_sum_backward,
     )
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,20 @@ def test_cli_prints_one_summary_line_per_epoch(cmapss_dir: Path, capsys: pytest.
     assert code == 0
     assert [line.split()[:2] for line in lines[:2]] == [["epoch", "1/2"], ["epoch", "2/2"]]
     assert lines[-1].startswith("done: cmapss dwa")
+
+
+@pytest.mark.parametrize("method", ["gradnorm", "pcgrad", "inverse-grad", "equal"])
+def test_training_with_a_balancer_raises_no_monitor_warning(
+    method: str, cmapss_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from client_hook import GradwatchWarning
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GRADWATCH_URL", raising=False)
+    args = ["train", "--dataset", "cmapss", "--data", str(cmapss_dir), "--epochs", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradwatchWarning)
+        assert main([*args, "--method", method, "--sample-every", "3"]) == 0
 
 
 def test_cli_without_server_writes_a_local_run_file(
