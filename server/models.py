@@ -121,7 +121,19 @@ class Epoch(Base):
     """Per-epoch numbers. `id` grows with every insert: it is the ingestion cursor (`since`)."""
 
     __tablename__ = "epoch"
-    __table_args__ = (sa.UniqueConstraint("run_id", "epoch"),)
+    __table_args__ = (
+        sa.UniqueConstraint("run_id", "epoch"),
+        # The downsampled metrics read scans (epoch, ratio) per bucket from this index alone.
+        sa.Index(None, "run_id", "epoch", "grad_norm_ratio"),
+        # Epochs holding NaN/Inf, which downsampling always keeps: a partial index, a few rows.
+        sa.Index(
+            "ix_epoch_run_id_epoch_non_finite",
+            "run_id",
+            "epoch",
+            sqlite_where=sa.text("has_non_finite"),
+            postgresql_where=sa.text("has_non_finite"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(
         sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
@@ -149,6 +161,9 @@ class TaskEpoch(Base):
         sa.ForeignKeyConstraint(
             ["run_id", "epoch"], ["epoch.run_id", "epoch.epoch"], ondelete="CASCADE"
         ),
+        # All tasks of the epochs a downsampled read keeps, in one pass (the primary key
+        # leads with task_id).
+        sa.Index(None, "run_id", "epoch"),
     )
 
     run_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
@@ -195,6 +210,7 @@ class PairCosine(Base):
         sa.ForeignKeyConstraint(
             ["run_id", "epoch"], ["epoch.run_id", "epoch.epoch"], ondelete="CASCADE"
         ),
+        sa.Index(None, "run_id", "epoch"),  # as on task_epoch
     )
 
     run_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)

@@ -8,11 +8,14 @@ SQLite NaN comes back as the text sentinel, see models.FloatNaN).
 
 from __future__ import annotations
 
-import math
+import gc
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -169,18 +172,19 @@ class MetricsData:
     """Positions in `epochs` whose values may be NaN/Inf (the only ones that need care)."""
 
 
-def _align(rows: list[Any], epochs: tuple[int, ...], width: int) -> list[list[Any]]:
-    """Columns of `rows` (epoch first, then `width` values) aligned with `epochs`."""
+def _align(rows: list[Any], epochs: tuple[int, ...], width: int, first: int = 0) -> list[list[Any]]:
+    """Columns of `rows` (the epoch at index `first`, then `width` values) aligned with
+    `epochs`; epochs without a row get None."""
     cols = list(zip(*rows, strict=True))
-    if cols and cols[0] == epochs:  # the usual case: a row for every epoch, all in C
-        return [list(c) for c in cols[1:]]
+    if cols and cols[first] == epochs:  # the usual case: a row for every epoch, all in C
+        return [list(c) for c in cols[first + 1 :]]
     pos = {ep: i for i, ep in enumerate(epochs)}
     out: list[list[Any]] = [[None] * len(epochs) for _ in range(width)]
     for r in rows:
-        p = pos.get(r[0])
+        p = pos.get(r[first])
         if p is not None:
             for i in range(width):
-                out[i][p] = r[i + 1]
+                out[i][p] = r[first + 1 + i]
     return out
 
 
@@ -195,21 +199,135 @@ def _fetch(conn: sa.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
         cursor.close()
 
 
-def _downsample(ratios: list[Any], forced: set[int], max_points: int) -> list[int]:
-    """Positions to keep: each bucket's min and max ratio, plus every forced position."""
-    n = len(ratios)
-    buckets = max(1, max_points // 2)
-    size = math.ceil(n / buckets)
-    keep = set(forced)
-    for start in range(0, n, size):
-        idx = [i for i in range(start, min(n, start + size)) if isinstance(ratios[i], float)]
-        idx = [i for i in idx if ratios[i] == ratios[i]]  # drop NaN (forced anyway)
-        if not idx:
-            keep.add(start)
-            continue
-        keep.add(min(idx, key=ratios.__getitem__))
-        keep.add(max(idx, key=ratios.__getitem__))
-    return sorted(keep)
+EPOCH_COLUMNS = f"epoch, {', '.join(models.EPOCH_FIELDS)}, has_non_finite, id"
+TASK_COLUMNS = ", ".join(models.TASK_FIELDS)
+
+
+@dataclass
+class _Scope:
+    """One metrics read: the connection, its driver's placeholder and run-id form, and the
+    filter over the epoch table (run, epoch range, `since`) with its parameters."""
+
+    conn: sa.Connection
+    sqlite: bool
+    mark: str
+    key: Any
+    where: str
+    params: list[Any]
+
+    def fetch(self, sql: str, params: Sequence[Any] | None = None) -> list[Any]:
+        return _fetch(self.conn, sql, self.params if params is None else params)
+
+
+def _ints(values: Any) -> str:
+    """An SQL list of integers (ours, from the database: inlined, never user text)."""
+    return ",".join(str(int(v)) for v in sorted(values)) or "NULL"
+
+
+def _bucket_extremes(scope: _Scope, lo: int, hi: int, n: int) -> set[int]:
+    """Per bucket of epochs (n equal epoch ranges over lo..hi), the epochs with the smallest
+    and the largest finite grad_norm_ratio (the first one on ties), or the bucket's first
+    epoch when it has no finite ratio. Chosen in the database: two index-only range scans
+    per bucket, no rows to Python. NaN is text on SQLite and sorts above +Inf on PostgreSQL;
+    both fail `<= +Inf`, as NULL does."""
+    span, w = hi - lo + 1, f"{scope.where} AND epoch >= b.lo AND epoch < b.hi"
+    finite = "grad_norm_ratio <= " + ("9e999" if scope.sqlite else "'Infinity'::float8")
+    sql = f"""WITH RECURSIVE k(i) AS (SELECT CAST(0 AS BIGINT) UNION ALL
+        SELECT i + 1 FROM k WHERE i + 1 < {n}),
+      b(lo, hi) AS (SELECT {lo} + (i * {span} + {n - 1}) / {n},
+        {lo} + ((i + 1) * {span} + {n - 1}) / {n} FROM k)
+    SELECT COALESCE(
+      (SELECT epoch FROM epoch WHERE {w} AND {finite} ORDER BY grad_norm_ratio, epoch LIMIT 1),
+      (SELECT min(epoch) FROM epoch WHERE {w})),
+      (SELECT epoch FROM epoch WHERE {w} AND {finite} ORDER BY grad_norm_ratio DESC, epoch
+       LIMIT 1)
+    FROM b"""
+    rows = scope.fetch(sql, scope.params * 3)
+    return {e for row in rows for e in row if e is not None}
+
+
+def _forced_epochs(scope: _Scope, run_id: uuid.UUID) -> set[int]:
+    """Epochs downsampling always keeps: an alert opened or closed there, or it holds NaN/Inf
+    (a partial index holds those)."""
+    a = models.Alert
+    keep = {e for row in scope.fetch(f"SELECT epoch FROM epoch WHERE {scope.where} AND "
+                                     "has_non_finite") for e in row}  # fmt: skip
+    for pair in scope.conn.execute(
+        sa.select(a.opened_epoch, a.closed_epoch).where(a.run_id == run_id)
+    ):
+        keep.update(e for e in pair if e is not None)
+    return keep
+
+
+def _group(rows: list[Any], n_key: int) -> dict[Any, list[Any]]:
+    """`rows` (key columns, then the epoch, ...) by key, each group in the scan's order.
+    Epoch-major rows where every epoch holds the same keys in the same order are split by
+    striding (all in C); anything else by a stable sort."""
+    key = itemgetter(*range(n_key))
+    k = 0
+    while k < len(rows) and rows[k][n_key] == rows[0][n_key]:
+        k += 1  # rows of the first epoch
+    if k and len(rows) % k == 0:
+        groups = [rows[i::k] for i in range(k)]
+        keys = [key(g[0]) for g in groups]
+        if len(set(keys)) == k and all(len(set(map(key, g))) == 1 for g in groups):
+            return dict(zip(keys, groups, strict=True))
+    rows.sort(key=key)
+    return {k: list(grp) for k, grp in groupby(rows, key=key)}
+
+
+def _task_columns(
+    scope: _Scope, at: str, task_ids: list[int], epochs: tuple[int, ...]
+) -> dict[int, list[list[Any]]]:
+    """Every task's columns at the epochs `at` selects, in one pass over the (run_id, epoch)
+    index (a run's task rows for one epoch lie together)."""
+    rows = scope.fetch(
+        f"SELECT task_id, epoch, {TASK_COLUMNS} FROM task_epoch WHERE run_id = {scope.mark} "
+        f"AND {at}",
+        [scope.key],
+    )
+    by_task = _group(rows, 1)
+    width = len(models.TASK_FIELDS)
+    return {tid: _align(by_task.get(tid, []), epochs, width, first=1) for tid in task_ids}
+
+
+def _cosine_columns(
+    scope: _Scope, at: str, epochs: tuple[int, ...]
+) -> list[tuple[int, int, list[Any]]]:
+    """(a, b, values) for every task pair with a value at the epochs `at` selects, ordered by
+    task ids."""
+    rows = scope.fetch(
+        f"SELECT task_a_id, task_b_id, epoch, value FROM pair_cosine WHERE run_id = "
+        f"{scope.mark} AND {at}",
+        [scope.key],
+    )
+    found = _group(rows, 2)
+    return [(a, b, _align(found.get((a, b), []), epochs, 1, first=2)[0])
+            for a, b in sorted(found)]  # fmt: skip
+
+
+_gc_lock = threading.Lock()
+_gc_pause = {"readers": 0, "was_enabled": True}
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold off CPython's cyclic garbage collector while a metrics read runs. The read
+    allocates ~100,000 row tuples (no cycles: reference counting frees them all), which
+    would trigger collections over the whole heap: ~40% of a large read's CPU (measured).
+    Concurrent reads share one pause; the last one out restores the collector's state."""
+    with _gc_lock:
+        if _gc_pause["readers"] == 0:
+            _gc_pause["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_pause["readers"] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pause["readers"] -= 1
+            if _gc_pause["readers"] == 0 and _gc_pause["was_enabled"]:
+                gc.enable()
 
 
 def _fix_sentinels(columns: list[list[Any]], rows: list[int]) -> None:
@@ -229,7 +347,26 @@ def metrics_data(
     since: int | None = None,
     max_points: int | None = None,
 ) -> MetricsData:
-    """Read a run's metrics into columns; see `get_metrics`."""
+    """Read a run's metrics into columns; see `get_metrics`.
+
+    Up to `max_points` epochs: the epoch rows in one range read, then each table's rows over
+    that epoch range. More: count first, choose the kept epochs in the database
+    (`_bucket_extremes`, `_forced_epochs`), then read only those epochs' rows (IN lists on
+    the (run_id, epoch) indexes): ~2,000 epochs of a 100,000-epoch run, not all of them.
+    """
+    with _gc_paused():
+        return _metrics_data(session, run_id, tasks, epoch_min, epoch_max, since, max_points)
+
+
+def _metrics_data(
+    session: Session,
+    run_id: uuid.UUID,
+    tasks: Sequence[str] | None,
+    epoch_min: int | None,
+    epoch_max: int | None,
+    since: int | None,
+    max_points: int | None,
+) -> MetricsData:
     conn = session.connection()
     t = models.RunTask
     task_rows = conn.execute(
@@ -253,28 +390,30 @@ def metrics_data(
         if value is not None:
             where.append(f"{clause} {mark}")
             params.append(value)
-    width = len(models.EPOCH_FIELDS)
-    rows = _fetch(
-        conn,
-        f"SELECT epoch, {', '.join(models.EPOCH_FIELDS)}, has_non_finite, id FROM epoch "
-        f"WHERE {' AND '.join(where)} ORDER BY epoch",
-        params,
-    )
-    total = len(rows)
-    cursor = max((r[-1] for r in rows), default=since or 0)
+    scope = _Scope(conn, sqlite, mark, key, " AND ".join(where), params)
 
-    downsampled = bool(max_points) and total > (max_points or 0)
+    downsampled = False
+    if max_points:  # count, cursor and epoch range: one pass over the covering index
+        w = scope.where
+        total, cursor, lo, hi = scope.fetch(
+            f"SELECT count(*), max(id), (SELECT min(epoch) FROM epoch WHERE {w}), "
+            f"(SELECT max(epoch) FROM epoch WHERE {w}) FROM epoch WHERE {w}",
+            params * 3,
+        )[0]
+        downsampled = total > max_points
     if downsampled and max_points:
-        a = models.Alert
-        alert_epochs: set[int | None] = set()
-        for o, c in conn.execute(
-            sa.select(a.opened_epoch, a.closed_epoch).where(a.run_id == run_id)
-        ):
-            alert_epochs.update((o, c))
-        forced = {i for i, r in enumerate(rows) if r[width + 1] or r[0] in alert_epochs}
-        keep = _downsample([r[1] for r in rows], forced, max_points)
-        rows = [rows[i] for i in keep]
+        keep = _bucket_extremes(scope, lo, hi, max(1, max_points // 2))
+        keep |= _forced_epochs(scope, run_id)
+        rows = scope.fetch(
+            f"SELECT {EPOCH_COLUMNS} FROM epoch WHERE {scope.where} AND epoch IN "
+            f"({_ints(keep)}) ORDER BY epoch"
+        )
+    else:
+        rows = scope.fetch(f"SELECT {EPOCH_COLUMNS} FROM epoch WHERE {scope.where} ORDER BY epoch")
+        total = len(rows)
+        cursor = max((r[-1] for r in rows), default=since or 0)
 
+    width = len(models.EPOCH_FIELDS)
     cols = list(zip(*rows, strict=True)) if rows else [()] * (width + 3)
     epochs_t: tuple[int, ...] = cols[0]
     epochs = list(epochs_t)
@@ -283,31 +422,22 @@ def metrics_data(
     all_cols: list[list[Any]] = list(epoch_cols)
     task_metrics: dict[str, dict[str, list[Any]]] = {}
     cosines: list[tuple[str, str, list[Any]]] = []
-    n_fields = len(models.TASK_FIELDS)
-    for tid, name in task_rows:
-        trows = []
-        if epochs:
-            trows = _fetch(
-                conn,
-                f"SELECT epoch, {', '.join(models.TASK_FIELDS)} FROM task_epoch WHERE run_id = "
-                f"{mark} AND task_id = {mark} AND epoch BETWEEN {mark} AND {mark} ORDER BY epoch",
-                (key, tid, epochs[0], epochs[-1]),
-            )
-        tcols = _align(trows, epochs_t, n_fields)
-        task_metrics[name] = dict(zip(models.TASK_FIELDS, tcols, strict=True))
-        all_cols.extend(tcols)
     if epochs:
-        crows = _fetch(
-            conn,
-            f"SELECT task_a_id, task_b_id, epoch, value FROM pair_cosine WHERE run_id = {mark} "
-            f"AND epoch BETWEEN {mark} AND {mark} ORDER BY task_a_id, task_b_id, epoch",
-            (key, epochs[0], epochs[-1]),
-        )
-        for (a_id, b_id), grp in groupby(crows, key=lambda r: (r[0], r[1])):
+        if downsampled:
+            at = f"epoch IN ({_ints(epochs)})"
+        else:
+            at = f"epoch BETWEEN {epochs[0]} AND {epochs[-1]}"
+        by_task = _task_columns(scope, at, list(names), epochs_t)
+        for tid, name in task_rows:
+            task_metrics[name] = dict(zip(models.TASK_FIELDS, by_task[tid], strict=True))
+            all_cols.extend(by_task[tid])
+        for a_id, b_id, vals in _cosine_columns(scope, at, epochs_t):
             if a_id in names and b_id in names:
-                (vals,) = _align([r[2:] for r in grp], epochs_t, 1)
                 cosines.append((names[a_id], names[b_id], vals))
                 all_cols.append(vals)
+    else:
+        for _, name in task_rows:
+            task_metrics[name] = {f: [] for f in models.TASK_FIELDS}
     if non_finite:
         _fix_sentinels(all_cols, non_finite)
     return MetricsData(

@@ -7,6 +7,7 @@ import io
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from enum import Enum
 from typing import Annotated, Any
 
@@ -283,16 +284,27 @@ def export_csv(run: RunDep, session: SessionDep) -> Response:
         header.append(f"cos({a},{b})")
         columns.append(values)
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
-    for i, epoch in enumerate(d.epochs):
-        writer.writerow([epoch, *("" if c[i] is None else _csv_value(c[i]) for c in columns)])
+    csv.writer(out, lineterminator="\n").writerow(header)  # names may need quoting
+    cells = [_csv_column(c, d.non_finite_rows) for c in (d.epochs, *columns)]  # never do
+    out.writelines(f"{line}\n" for line in map(",".join, zip(*cells, strict=True)))
     filename = re.sub(r"[^A-Za-z0-9._-]+", "_", run.name)[:80] or "run"
     return Response(
         out.getvalue(),
         media_type="text/csv",
         headers={"Content-Disposition": f'attachment; filename="{filename}.csv"'},
     )
+
+
+def _csv_column(col: Sequence[Any], non_finite_rows: list[int]) -> list[str]:
+    """A column's CSV cells: numbers as orjson writes them (shortest round-trip form, ~8x
+    faster than str()), "" for None, NaN/Inf as our strings (they only sit in the epochs
+    flagged at ingest, `non_finite_rows`)."""
+    cells = orjson.dumps(col).decode()[1:-1].split(",") if col else []
+    if None in col:
+        cells = ["" if c == "null" else c for c in cells]
+    for i in non_finite_rows:
+        cells[i] = "" if col[i] is None else str(_csv_value(col[i]))
+    return cells
 
 
 def _csv_value(v: Any) -> Any:
