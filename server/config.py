@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADWATCH_", extra="ignore")
 
     database_url: str = "sqlite:///./gradwatch.db"
-    """SQLAlchemy URL. SQLite (WAL mode) by default; `postgresql+psycopg://user@host/db` for teams."""
+    """SQLAlchemy URL; SQLite by default, `postgresql+psycopg://user@host/db` for teams."""
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     allow_insecure_bind: bool = False
     """Allow listening on a non-loopback address without a token."""
     ratio_threshold: float = 10.0
-    """Default max/min gradient-norm ratio above which an imbalance alert opens (per-run override)."""
+    """Max/min gradient-norm ratio above which an imbalance alert opens (per-run override)."""
     max_body_bytes: int = 32 * 1024 * 1024
     """Request bodies larger than this are refused with 413."""
     max_tasks: int = 64
@@ -41,7 +41,7 @@ def get_settings() -> Settings:
 
 
 def asset_dir(name: str) -> Path:
-    """Locate `templates`, `static` or `migrations`: inside the wheel, else at the repository root."""
+    """Locate `templates`, `static` or `migrations`: inside the wheel, else at the repo root."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "_assets" / name, here.parent / name):
         if candidate.is_dir():

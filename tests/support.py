@@ -43,7 +43,9 @@ def drop_pg_database(url: str) -> None:
 class ServerProcess:
     """`gradwatch serve` in a subprocess on a free loopback port; restartable on the same port."""
 
-    def __init__(self, database_url: str, env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(
+        self, database_url: str, env: dict[str, str] | None = None, port: int | None = None
+    ):
         self.database_url = database_url
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,9 +55,20 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         env = {**os.environ, "GRADWATCH_DATABASE_URL": self.database_url, **self.extra_env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -145,19 +145,27 @@ def test_compose_server_configuration_runs_natively(compose_database: str) -> No
     """The server service's command and environment, with `db` -> the local PostgreSQL."""
     token = "compose-test-token"
     service = SERVICES["server"]
-    env = {k: interpolate(str(v), {"GRADWATCH_TOKEN": token}) for k, v in
-           service["environment"].items()}
+    env = {
+        k: interpolate(str(v), {"GRADWATCH_TOKEN": token})
+        for k, v in service["environment"].items()
+    }
     parts = urlsplit(env["GRADWATCH_DATABASE_URL"])
     assert parts.hostname == "db"
     env["GRADWATCH_DATABASE_URL"] = urlunsplit(
-        parts._replace(netloc=parts.netloc.replace("@db:", "@127.0.0.1:"), path=f"/{compose_database}")
+        parts._replace(
+            netloc=parts.netloc.replace("@db:", "@127.0.0.1:"), path=f"/{compose_database}"
+        )
     )
     port = free_port()
     command = list(service["command"])
     command[command.index("--port") + 1] = str(port)
     executable = shutil.which("gradwatch", path=str(Path(sys.executable).parent)) or "gradwatch"
-    proc = subprocess.Popen([executable, *command[1:]], env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [executable, *command[1:]],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -170,11 +178,14 @@ def test_compose_server_configuration_runs_natively(compose_database: str) -> No
                 assert time.monotonic() < deadline, "server did not become healthy"
                 time.sleep(0.2)
         assert health["database"] == "postgresql"
-        status, run = _request("POST", base + "/api/runs", token,
-                               {"name": "compose", "tasks": ["rul", "health"]})
+        status, run = _request(
+            "POST", base + "/api/runs", token, {"name": "compose", "tasks": ["rul", "health"]}
+        )
         assert status == 201
-        epochs = [{"epoch": e, "tasks": {"rul": {"grad_norm": 50.0 + e}, "health": {"grad_norm": 0.5}}}
-                  for e in range(3)]
+        epochs = [
+            {"epoch": e, "tasks": {"rul": {"grad_norm": 50.0 + e}, "health": {"grad_norm": 0.5}}}
+            for e in range(3)
+        ]
         _request("POST", f"{base}/api/runs/{run['id']}/epochs", token, {"epochs": epochs})
         _, metrics = _request("GET", f"{base}/api/runs/{run['id']}/metrics", token)
         assert metrics["epochs"] == [0, 1, 2]

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from sqlalchemy.orm import Session
 
-from server import queries, schemas
+from server import metrics, queries, schemas
 from server.errors import RunNotFound
 from tests.server.conftest import TestClient, epoch, ingest, make_run
 
@@ -83,13 +83,13 @@ def test_get_metrics_downsampled_reads_search_indexes_only(
 ) -> None:
     run_id = uuid.UUID(_long_run(client, 400))
     statements: list[tuple[str, tuple[object, ...]]] = []
-    real_fetch = queries._fetch
+    real_fetch = metrics._fetch
 
     def recording_fetch(conn, sql, params):  # type: ignore[no-untyped-def]
         statements.append((sql, tuple(params)))
         return real_fetch(conn, sql, params)
 
-    monkeypatch.setattr(queries, "_fetch", recording_fetch)
+    monkeypatch.setattr(metrics, "_fetch", recording_fetch)
     m = queries.get_metrics(session, run_id, max_points=20)
     monkeypatch.undo()
     assert m.downsampled and statements
@@ -99,7 +99,7 @@ def test_get_metrics_downsampled_reads_search_indexes_only(
         conn.exec_driver_sql("ANALYZE")
         conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
     for sql, params in statements:
-        plan = queries._fetch(conn, ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + sql, params)
+        plan = metrics._fetch(conn, ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + sql, params)
         lines = [str(row[-1] if sqlite else row[0]) for row in plan]
         assert not [x for x in lines if "Seq Scan" in x or x.startswith("SCAN epoch")], lines
         if " IN (" in sql:  # the kept epochs' rows: looked up by (run_id, epoch), not the run's
