@@ -1,12 +1,13 @@
 """`GradMonitor`: per-task gradient statistics of any multi-task PyTorch run, streamed to gradwatch.
 
-Cost model: ``observe`` on a non-sampled step is one Python integer increment (no tensor op). On a
-sampled step (the first step of every epoch, then every ``sample_every`` steps) the per-task
-gradients come from T-1 extra backward passes (the T-th is read from the step's own backward; see
-`client_hook.sampler`), or from ONE vectorised backward for all T; every number is packed into
-one small tensor and copied off the device without waiting for it; the delivery thread turns it
-into Python floats. The training thread never calls ``.item()`` (a verification step, one in
-64 sampled steps, reads a few numbers once).
+Cost model: ``observe`` on a non-sampled step is a few Python integer operations (no tensor op, no
+hook left registered). On a sampled step (the first step of every epoch, then every
+``sample_every`` steps) the per-task gradients come from T-1 extra backward passes (the T-th is
+read from the step's own backward; see `client_hook.sampler`), or from ONE vectorised backward for
+all T; on an accelerator every number is packed into one small tensor and copied off the device
+without waiting for it (on the CPU the few small result tensors are kept as they are); the
+delivery thread turns them into Python floats. The training thread never calls ``.item()`` (a
+verification step, one in 64 sampled steps, reads a few numbers once).
 """
 
 from __future__ import annotations
@@ -219,9 +220,12 @@ class GradMonitor:
         self._step_in_epoch = step + 1
         if step == 0:
             self._epoch_started_at = time.perf_counter()
-        if self.sampler.pending is not None:
-            self.sampler.settle()  # the previous sampled step's hooks have done their work
-        if step % self.sample_every or not self.active or self._closed:
+        sampled = not step % self.sample_every and self.active and not self._closed
+        if self.sampler.hooked:
+            # the previous sampled step's hooks have done their work (the parameters' hooks
+            # stay registered if this step is sampled too)
+            self.sampler.settle(next_sampled=sampled)
+        if not sampled:
             return
         missing = [t for t in self.tasks if t not in losses]
         if missing:

@@ -15,12 +15,21 @@ Two strategies give the same numbers (tests check both against plain ``torch.aut
   ``||g - sum_i c_i g_i|| <= 1e-3 ||g||``. A loss with terms that reach the shared parameters
   some other way (a weight penalty, an unreported auxiliary loss), a backward that does not match
   the observed losses, or any error switches to the direct strategy for good, with one warning.
+
+Cost: on a small model a step is dominated by the number of tensor ops and Python hooks, not by
+FLOPs. Up to `FLAT_MAX_NUMEL` shared elements, the gradients are therefore written side by side
+into the rows of one ``[rows, N]`` buffer (`_FlatGrads`: one foreach copy per task, one
+``copy_`` per parameter hook) and every norm and inner product comes from ONE matmul. Above it,
+no gradient is copied: per-parameter Gram blocks are summed (`_GramWithTotal`,
+`stats.gram_matrix`). On the CPU the step's small result tensors are kept as they are (there is
+no device-to-host copy to batch) and concatenated on the delivery thread.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial, reduce
 from typing import Any
 
 import torch
@@ -28,109 +37,267 @@ import torch
 from client_hook import stats
 
 RESIDUAL_TOLERANCE = 1e-3
+FLAT_MAX_NUMEL = 1 << 20  # shared elements per task row (4 MiB in float32) for the flat buffer
 _HALF = (torch.float16, torch.bfloat16)
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 
 
 class SampledStep:
-    """One packed step: the host copy, the CUDA event that says when the copy is done, and the
-    numbers that never left the host (Python-float weights)."""
+    """One step's device-side numbers (`parts`, in `stats.pack_step` order), the CUDA event that
+    says when their host copy is done, and the numbers that never left the host."""
 
     __slots__ = ("values", "ready", "packed_fields", "host_fields")
 
     def __init__(
-        self, packed: torch.Tensor, packed_fields: tuple[str, ...], host_fields: dict[str, Any]
+        self,
+        parts: Sequence[torch.Tensor],
+        packed_fields: tuple[str, ...],
+        host_fields: dict[str, Any],
     ) -> None:
         self.ready: Any = None
-        packed = packed.detach()
-        if packed.device.type == "cuda":
+        self.packed_fields = packed_fields
+        self.host_fields = host_fields
+        device = parts[0].device
+        if device.type == "cpu":
+            # Fresh tensors nobody writes to again: nothing to copy; cat on the delivery thread.
+            self.values: torch.Tensor | Sequence[torch.Tensor] = parts
+            return
+        packed = torch.cat([t.detach().reshape(-1) for t in parts])  # one op, one copy
+        if device.type == "cuda":
             # Pinned buffer + non_blocking copy + event: the training thread does not wait; the
             # delivery thread synchronises on the event before reading (the only sync, there).
             self.values = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self.values.copy_(packed, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
-        elif packed.device.type == "cpu":
-            self.values = packed
         else:  # other accelerators: a plain copy (one sync on a sampled step)
             self.values = packed.to("cpu")
-        self.packed_fields = packed_fields
-        self.host_fields = host_fields
 
     def unpack(self, tasks: Sequence[str]) -> stats.StepStats:
         if self.ready is not None:
             self.ready.synchronize()
-        return stats.step_stats(self.values.tolist(), tasks, self.packed_fields, self.host_fields)
+        if isinstance(self.values, torch.Tensor):
+            values = self.values.tolist()
+        else:
+            values = [x for part in self.values for x in _flat_list(part.tolist())]
+        return stats.step_stats(values, tasks, self.packed_fields, self.host_fields)
 
 
-def _graph_task_id() -> int:
-    """Which backward pass is running (what torch's own register_multi_grad_hook checks)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return int(current()) if current is not None else 0
+def _flat_list(value: Any) -> list:
+    """``Tensor.tolist()`` of any shape as one flat list (no tensor op)."""
+    if not isinstance(value, list):
+        return [value]
+    while value and isinstance(value[0], list):
+        value = [x for row in value for x in row]
+    return value
+
+
+def _scalars(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The one-element tensors (all present: a completed capture) as one 1-D tensor; one op
+    when they all have the same shape (the usual 0-d losses)."""
+    try:
+        return torch.stack(tensors)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        return torch.stack([t.reshape(()) for t in tensors])  # type: ignore[union-attr]
+
+
+def _copy_all(dst: list[torch.Tensor], src: Sequence[torch.Tensor | None]) -> None:
+    """``dst[k] <- src[k]`` (zero where a source is None: no gradient reaches that parameter)."""
+    if _FOREACH_COPY is not None and all(s is not None for s in src):
+        _FOREACH_COPY(dst, src)
+        return
+    for d, s in zip(dst, src, strict=True):
+        d.zero_() if s is None else d.copy_(s)
+
+
+class _FlatGrads:
+    """One ``[rows, N]`` buffer (N = all shared elements, in at least float32) and, per row, a
+    view shaped like each parameter: a row holds one task's gradient (or the step's combined
+    gradient), so the Gram matrix of any leading rows is ONE matmul. Reused from step to step
+    (each step's result is a fresh matmul output; on CUDA, the rows written inside a backward
+    are on its leaf streams, which the backward makes the caller's stream wait for); rebuilt if
+    the parameters move."""
+
+    def __init__(self, params: Sequence[torch.Tensor], rows: int) -> None:
+        first = params[0]
+        self.key = (first.device, first.dtype)
+        dtype = reduce(torch.promote_types, [p.dtype for p in params], torch.float32)
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.buffer = torch.empty(rows, sum(self.numels), dtype=dtype, device=first.device)
+        self.rows = [self._views(self.buffer[r], 0) for r in range(rows)]
+        # what each parameter's hook calls to write the combined gradient into a row
+        self.sinks: list[list[Callable[[torch.Tensor], Any]]] = [
+            [view.copy_ for view in row] for row in self.rows
+        ]
+        self.tops = [self.buffer[:count] for count in range(rows + 1)]
+        self._blocks: dict[int, list[torch.Tensor]] = {}
+
+    def _views(self, rows: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        parts = rows.split(self.numels, dim=dim)
+        lead = tuple(rows.shape[:dim])
+        return [v.view(*lead, *s) for v, s in zip(parts, self.shapes, strict=True)]
+
+    def write(self, first_row: int, grads: Sequence[torch.Tensor | None]) -> None:
+        """One task's per-parameter gradients into row `first_row`."""
+        _copy_all(self.rows[first_row], grads)
+
+    def write_batched(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Per parameter ``[count, *shape]`` (`stats.batched_task_grads`) into rows 0..count-1."""
+        count = next(g.shape[0] for g in grads if g is not None)
+        if count not in self._blocks:
+            self._blocks[count] = self._views(self.tops[count], 1)
+        _copy_all(self._blocks[count], grads)
+
+    def gram(self, count: int) -> torch.Tensor:
+        top = self.tops[count]
+        return top @ top.T
+
+
+def _on_loss_grad(loss: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any:
+    """Call `hook` with the gradient reaching `loss` in a backward pass; returns the handle.
+
+    A pre-hook on the loss's own autograd node (what a tensor hook on it amounts to, with less
+    bookkeeping); a tensor hook where the loss has no node."""
+    node = loss.grad_fn
+    if node is None:
+        return loss.register_hook(hook)
+    index = loss.output_nr
+
+    def prehook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+        grad = grad_outputs[index]
+        if grad is not None:
+            hook(grad)
+
+    return node.register_prehook(prehook)
 
 
 class BackwardCapture:
-    """Hooks reading ``c_i`` and the shared parameters' gradients from the next backward pass.
+    """Reads ``c_i`` (hooks on the losses) and the shared parameters' gradients (a `ParamTap`)
+    from the next backward pass.
 
-    With `on_param`, each parameter's gradient is handed over as it arrives and not kept (so
-    autograd can still move it into ``.grad`` without a copy); otherwise it is stored in `grads`.
+    Each parameter's gradient goes to ``sinks[k]`` as it arrives and is not kept (so autograd can
+    still move it into ``.grad`` without a copy); with no sinks it is stored in `grads`. A sink
+    that raises calls `on_error` (never raise inside the user's backward).
     """
 
     def __init__(
         self,
         losses: Sequence[torch.Tensor],
-        params: Sequence[torch.Tensor],
+        tap: ParamTap,
         on_complete: Callable[[BackwardCapture], None],
-        on_param: Callable[[int, torch.Tensor], None] | None = None,
+        sinks: Sequence[Callable[[torch.Tensor], Any]] | None,
+        on_error: Callable[[Exception], None],
     ) -> None:
+        num_params = len(tap.params)
+        self.losses: list[torch.Tensor] | None = list(losses)
         self.coeffs: list[torch.Tensor | None] = [None] * len(losses)
-        self.grads: list[torch.Tensor | None] = [None] * len(params)
-        self.seen = [False] * (len(losses) + len(params))
+        self.grads: list[torch.Tensor | None] = [None] * num_params
+        self.seen = [False] * (len(losses) + num_params)
         self.missing = len(self.seen)
         self.done = False
         self.mixed = False  # hooks fired in more than one backward pass (e.g. a balancer's)
         self.graph_task: int | None = None
         self.on_complete = on_complete
-        self.on_param = on_param
-        self.handles = [loss.register_hook(self._hook(i)) for i, loss in enumerate(losses)]
-        self.handles += [p.register_hook(self._hook(len(losses) + k)) for k, p in enumerate(params)]
+        self.sinks = sinks
+        self.on_error = on_error
+        self.tap = tap
+        self.handles = [_on_loss_grad(loss, self._loss_hook(i)) for i, loss in enumerate(losses)]
+        tap.arm(self)
 
-    def _hook(self, index: int) -> Callable:
-        num_losses = len(self.coeffs)
+    def _arrived(self, index: int) -> bool:
+        """Bookkeeping of one hook; False if the value is not ours to read."""
+        seen = self.seen
+        if self.done or seen[index]:
+            return False  # a later backward through the same graph
+        task = _GRAPH_TASK() if _GRAPH_TASK is not None else 0
+        if self.graph_task is None:
+            self.graph_task = task
+        elif task != self.graph_task:
+            self.mixed = True
+        seen[index] = True
+        return True
 
+    def _loss_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            if self.done or self.seen[index]:
-                return  # a later backward through the same graph: not ours to read
-            task = _graph_task_id()
-            if self.graph_task is None:
-                self.graph_task = task
-            elif task != self.graph_task:
-                self.mixed = True
-            self.seen[index] = True
-            if index < num_losses:
+            if self._arrived(index):
                 self.coeffs[index] = grad
-            elif self.on_param is not None:
-                self.on_param(index - num_losses, grad)
-            else:
-                self.grads[index - num_losses] = grad
-            self.missing -= 1
-            if self.missing == 0:
-                self.done = True
-                if not self.mixed:
-                    self.on_complete(self)  # inside the user's backward; must never raise
+                self._count()
 
         return hook
 
-    def remove(self) -> None:
+    def param_grad(self, k: int, grad: torch.Tensor) -> None:
+        if not self._arrived(len(self.coeffs) + k):
+            return
+        if self.sinks is None:
+            self.grads[k] = grad
+        else:
+            try:
+                if torch.is_grad_enabled():  # only under backward(create_graph=True)
+                    with torch.no_grad():
+                        self.sinks[k](grad)
+                else:
+                    self.sinks[k](grad)
+            except Exception as exc:  # noqa: BLE001 - inside the user's backward: never raise
+                self.on_error(exc)
+        self._count()
+
+    def _count(self) -> None:
+        self.missing -= 1
+        if self.missing == 0:
+            self.done = True
+            if not self.mixed:
+                self.on_complete(self)  # inside the user's backward; must never raise
+            self.losses = None
+
+    def remove(self, keep_tap: bool = False) -> None:
         # Called on the next observe(), never from inside a hook (the hook dict is being iterated).
         for handle in self.handles:
             handle.remove()
+        self.tap.disarm(keep_tap)
+
+
+class ParamTap:
+    """One hook per shared parameter, forwarding its gradient to the armed `BackwardCapture`.
+
+    The hooks stay registered from one sampled step to the next when the next step is sampled
+    too (``sample_every=1``: registering and removing them every step costs more than running
+    them) and are removed before any step that is not sampled, which therefore runs none.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        self.handles: list[Any] = []
+        self.capture: BackwardCapture | None = None
+
+    def arm(self, capture: BackwardCapture) -> None:
+        if not self.handles:
+            self.handles = [p.register_hook(self._hook(k)) for k, p in enumerate(self.params)]
+        self.capture = capture
+
+    def _hook(self, k: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            capture = self.capture
+            if capture is not None:
+                capture.param_grad(k, grad)
+
+        return hook
+
+    def disarm(self, keep: bool = False) -> None:
+        self.capture = None
+        if not keep:
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
 
 
 class _GramWithTotal:
     """Per parameter, the Gram blocks of ``[g_i for i != d] + [g]`` (direct task gradients and
-    the combined gradient): ``a a^T``, ``a g``, ``g.g``. Three products, no copy of any gradient.
-    They are packed as they are; `stats.step_stats` sums them and applies ``g_d = (g - sum_{i != d}
-    c_i g_i) / c_d`` on the delivery thread (`stats.derived_gram`)."""
+    the combined gradient): ``a a^T``, ``a g``, ``g.g``. Three products, no copy of any gradient
+    (the layout for models above `FLAT_MAX_NUMEL`). They are packed as they are;
+    `stats.step_stats` sums them and applies ``g_d = (g - sum_{i != d} c_i g_i) / c_d`` on the
+    delivery thread (`stats.derived_gram`)."""
 
     def __init__(self, direct: list[torch.Tensor | None]) -> None:
         self.direct = direct
@@ -151,16 +318,8 @@ class _GramWithTotal:
                 a = a.to(g.dtype)
             self.pieces += [g @ g, a @ a.T, a @ g]
 
-
-def _present(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-    """A completed capture has every slot filled."""
-    out = [t for t in tensors if t is not None]
-    assert len(out) == len(tensors)
-    return out
-
-
-def _stack_scalars(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    return torch.stack([t.reshape(()) for t in _present(tensors)])
+    def sinks(self) -> list[Callable[[torch.Tensor], Any]]:
+        return [partial(self.add, k) for k in range(len(self.direct))]
 
 
 class StepSampler:
@@ -189,6 +348,26 @@ class StepSampler:
         self._derived: int | None = None  # task read from the user's backward, once verified
         self._since_verify = 0
         self._initial: torch.Tensor | None = None
+        self._flat_ok = (
+            sum(p.numel() for p in self.params) <= FLAT_MAX_NUMEL
+            and len({p.device for p in self.params}) == 1
+        )
+        self._flat: _FlatGrads | None = None
+        self._tap = ParamTap(self.params)
+
+    @property
+    def hooked(self) -> bool:
+        """Hooks are registered (a step waiting for its backward, or the parameters' tap)."""
+        return self.pending is not None or bool(self._tap.handles)
+
+    def _flat_grads(self) -> _FlatGrads | None:
+        """The row buffer (T task rows + the combined gradient), or None above the size limit."""
+        if not self._flat_ok:
+            return None
+        first = self.params[0]
+        if self._flat is None or self._flat.key != (first.device, first.dtype):
+            self._flat = _FlatGrads(self.params, len(self.tasks) + 1)
+        return self._flat
 
     def _field(
         self,
@@ -209,20 +388,46 @@ class StepSampler:
             ]
         )
 
+    def _batched_ok(self, count: int) -> bool:
+        return self.batched and count > 1
+
+    def _batched_failed(self, exc: RuntimeError) -> None:
+        self.batched = False
+        self.warn(
+            "batched",
+            "gradwatch: this model does not support batched gradients "
+            f"({str(exc).splitlines()[0]}); using one autograd.grad per "
+            "task instead",
+        )
+
     def _task_grads(self, losses: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """Per parameter, ``[len(losses), *shape]``: all given tasks' gradients."""
-        if self.batched and len(losses) > 1:
+        if self._batched_ok(len(losses)):
             try:
                 return stats.batched_task_grads(torch.stack(list(losses)), self.params)
             except RuntimeError as exc:
-                self.batched = False
-                self.warn(
-                    "batched",
-                    "gradwatch: this model does not support batched gradients "
-                    f"({str(exc).splitlines()[0]}); using one autograd.grad per "
-                    "task instead",
-                )
+                self._batched_failed(exc)
         return stats.looped_task_grads(losses, self.params)
+
+    def _write_task_grads(self, losses: Sequence[torch.Tensor], flat: _FlatGrads) -> bool:
+        """The given tasks' gradients into rows 0..len(losses)-1 of `flat`; False if none of
+        them reaches any shared parameter."""
+        if self._batched_ok(len(losses)):
+            try:
+                grads = stats.batched_task_grads(torch.stack(list(losses)), self.params)
+            except RuntimeError as exc:
+                self._batched_failed(exc)
+            else:
+                if all(g is None for g in grads):
+                    return False
+                flat.write_batched(grads)
+                return True
+        reached = False
+        for row, loss in enumerate(losses):
+            row_grads = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
+            flat.write(row, row_grads)
+            reached = reached or any(g is not None for g in row_grads)
+        return reached
 
     def measure(
         self,
@@ -231,49 +436,87 @@ class StepSampler:
         extras: Mapping[str, Any],
     ) -> None:
         loss_list = [losses[t] for t in self.tasks]
-        detached = torch.stack([loss.detach().reshape(()) for loss in loss_list])
-        device = detached.device
+        device = loss_list[0].device
+        fields: dict[str, Any] = {"weights": self._field(weights or {}, 1.0, device)}
+        if extras:
+            self._extra_fields(extras, fields, device)
+        flat = self._flat_grads()
+        derived = self._derived
+        if self.reuse_backward and derived is not None and self._since_verify < self.verify_every:
+            self._since_verify += 1
+            direct = [loss for i, loss in enumerate(loss_list) if i != derived]
+            context: _FlatGrads | _GramWithTotal
+            sinks: Sequence[Callable[[torch.Tensor], Any]]
+            if flat is not None:
+                self._write_task_grads(direct, flat)
+                sinks = flat.sinks[len(direct)]
+                context, fields["derived"] = flat, (derived, None)
+            else:
+                context = _GramWithTotal(self._task_grads(direct))
+                sinks, fields["derived"] = context.sinks(), (derived, context.has_direct)
+            self.pending = BackwardCapture(
+                loss_list,
+                self._tap,
+                lambda c: self._guarded(self._derive, c, context, fields),
+                sinks,
+                self._hook_failed,
+            )
+            return
+        # Every task directly: the exact numbers, and the reference of a verification step.
+        detached = _scalars([loss.detach() for loss in loss_list])
         if self._initial is None:
             given = torch.tensor([self.initial_losses.get(t, math.nan) for t in self.tasks])
             first = detached.float()
             self._initial = torch.where(torch.isnan(given.to(device)), first, given.to(device))
-        fields: dict[str, Any] = {"weights": self._field(weights or {}, 1.0, device)}
+        if flat is not None:
+            if not self._write_task_grads(loss_list, flat):
+                raise ValueError("no task loss depends on the monitored shared parameters")
+            gram = flat.gram(len(loss_list))
+        else:
+            grads = self._task_grads(loss_list)
+            gram = stats.gram_matrix(grads, len(self.tasks))
+        self._record([gram, detached], fields)
+        if not self.reuse_backward:
+            return
+        self._since_verify = 0
+        if flat is not None:
+            self.pending = BackwardCapture(
+                loss_list,
+                self._tap,
+                lambda c: self._guarded(self._verify_flat, c, flat, gram),
+                flat.sinks[len(loss_list)],
+                self._hook_failed,
+            )
+        else:
+            self.pending = BackwardCapture(
+                loss_list,
+                self._tap,
+                lambda c: self._guarded(self._verify, c, grads, gram),
+                None,
+                self._hook_failed,
+            )
+
+    def _extra_fields(self, extras: Mapping[str, Any], fields: dict, device: torch.device) -> None:
         if "task_weight" in extras:
             fields["reported_weights"] = self._field(extras["task_weight"], 1.0, device)
         if "target_grad_norm" in extras:
             fields["target_grad_norm"] = self._field(extras["target_grad_norm"], math.nan, device)
         if extras.get("balancer_loss") is not None:
             value = extras["balancer_loss"]
-            fields["balancer_loss"] = value.detach() if isinstance(value, torch.Tensor) else value
-        context = (detached, fields)
-        if not self.reuse_backward:
-            self._record(stats.gram_matrix(self._task_grads(loss_list), len(self.tasks)), context)
-            return
-        if self._derived is None or self._since_verify >= self.verify_every:
-            grads = self._task_grads(loss_list)  # every task directly: exact, and the reference
-            gram = stats.gram_matrix(grads, len(self.tasks))
-            self._record(gram, context)
-            self._since_verify = 0
-            self.pending = BackwardCapture(
-                loss_list, self.params, lambda c: self._guarded(self._verify, c, grads, gram)
+            # a snapshot: on the CPU the step's tensors are read later, on the delivery thread
+            fields["balancer_loss"] = (
+                value.detach().clone() if isinstance(value, torch.Tensor) else value
             )
-            return
-        self._since_verify += 1
-        direct = [loss for i, loss in enumerate(loss_list) if i != self._derived]
-        blocks = _GramWithTotal(self._task_grads(direct))
-        self.pending = BackwardCapture(
-            loss_list,
-            self.params,
-            lambda c: self._guarded(self._derive, c, blocks, context),
-            on_param=lambda k, g: self._guarded(blocks.add, k, g),
-        )
 
-    def settle(self) -> None:
-        """Called by the next observe()/end_epoch(): drop the hooks; give up if they never fired."""
+    def settle(self, next_sampled: bool = False) -> None:
+        """Called by the next observe()/end_epoch(): drop the hooks (the parameters' stay if
+        `next_sampled`: that step needs them again); give up if they never fired."""
         capture, self.pending = self.pending, None
         if capture is None:
+            if not next_sampled:
+                self._tap.disarm()
             return
-        capture.remove()
+        capture.remove(keep_tap=next_sampled)
         if capture.mixed:
             self._give_up(
                 "another backward pass ran between observe() and the step's backward() "
@@ -290,6 +533,7 @@ class StepSampler:
         capture, self.pending = self.pending, None
         if capture is not None:
             capture.remove()
+        self._tap.disarm()
 
     def _give_up(self, reason: str) -> None:
         self.reuse_backward = False
@@ -299,7 +543,10 @@ class StepSampler:
             "from now on (same numbers, more time per sampled step)",
         )
 
-    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+    def _hook_failed(self, exc: Exception) -> None:
+        self._give_up(f"reading the training step's backward failed ({exc!r})")
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
             if torch.is_grad_enabled():  # only under backward(create_graph=True)
                 with torch.no_grad():
@@ -307,12 +554,13 @@ class StepSampler:
             else:
                 fn(*args)
         except Exception as exc:  # noqa: BLE001 - runs inside the user's backward: never raise
-            self._give_up(f"reading the training step's backward failed ({exc!r})")
+            self._hook_failed(exc)
 
     def _verify(self, capture: BackwardCapture, grads: list, gram: torch.Tensor) -> None:
-        coeffs = _stack_scalars(capture.coeffs).to(gram.dtype)
+        coeffs = _scalars(capture.coeffs).to(gram.dtype)
         residuals, totals = [], []
-        for total, per_task in zip(_present(capture.grads), grads, strict=True):
+        for total, per_task in zip(capture.grads, grads, strict=True):
+            assert total is not None
             expected = (
                 0.0
                 if per_task is None
@@ -320,13 +568,25 @@ class StepSampler:
             )
             residuals.append(torch.linalg.vector_norm(total - expected))
             totals.append(torch.linalg.vector_norm(total))
-        weighted = coeffs.abs() * gram.diagonal().clamp_min(0).sqrt()
         norms = torch.stack(
             [
                 torch.linalg.vector_norm(torch.stack(residuals)),
                 torch.linalg.vector_norm(torch.stack(totals)),
             ]
         ).to(gram.dtype)
+        self._accept(coeffs, gram, norms)
+
+    def _verify_flat(self, capture: BackwardCapture, flat: _FlatGrads, gram: torch.Tensor) -> None:
+        num = len(self.tasks)
+        coeffs = _scalars(capture.coeffs).to(flat.buffer.dtype)
+        total = flat.buffer[num]
+        residual = total - coeffs @ flat.tops[num]
+        norms = torch.linalg.vector_norm(torch.stack([residual, total]), dim=1).to(gram.dtype)
+        self._accept(coeffs.to(gram.dtype), gram, norms)
+
+    def _accept(self, coeffs: torch.Tensor, gram: torch.Tensor, norms: torch.Tensor) -> None:
+        """Reuse the backward if the residual is small; derive the task with most ``|c_i| G_i``."""
+        weighted = coeffs.abs() * gram.diagonal().clamp_min(0).sqrt()
         values = torch.cat([norms, weighted]).tolist()  # the one host read of a verification step
         if not values[0] <= RESIDUAL_TOLERANCE * values[1]:
             self._give_up(
@@ -337,21 +597,29 @@ class StepSampler:
         task_norms = values[2:]
         self._derived = max(range(len(task_norms)), key=task_norms.__getitem__)
 
-    def _derive(self, capture: BackwardCapture, blocks: _GramWithTotal, context: tuple) -> None:
+    def _derive(self, capture: BackwardCapture, context: Any, fields: dict) -> None:
         if not self.reuse_backward:
             return  # a hook failed earlier in this backward
-        losses, fields = context
-        fields = {**fields, "derived": (self._derived, tuple(blocks.has_direct))}
-        self._record([*blocks.pieces, *_present(capture.coeffs)], (losses, fields))
+        assert capture.losses is not None
+        scalars = _scalars([*capture.coeffs, *capture.losses])  # c_1..c_T, L_1..L_T
+        if isinstance(context, _FlatGrads):
+            head: list[torch.Tensor] = [context.gram(len(self.tasks))]
+        else:
+            head = context.pieces
+        self._record([*head, scalars], fields)
 
-    def _record(self, gram: torch.Tensor | list[torch.Tensor], context: tuple) -> None:
-        """Pack a step; `gram` is the Gram matrix, or the raw blocks of a derived step."""
-        losses, fields = context
-        packed_names = tuple(n for n in stats.PACKABLE if isinstance(fields.get(n), torch.Tensor))
-        host = {n: v for n, v in fields.items() if n not in packed_names}
+    def _record(self, head: list[torch.Tensor], fields: dict[str, Any]) -> None:
+        """Keep a step: `head` (Gram matrix or blocks, then coefficients and losses), the initial
+        losses, then the tensor fields, in `stats.pack_step` order."""
         assert self._initial is not None
-        packed = stats.pack_step(gram, losses, self._initial, *[fields[n] for n in packed_names])
-        self.steps.append(SampledStep(packed, packed_names, host))
+        parts = [*head, self._initial]
+        packed_names: tuple[str, ...] = ()
+        for name in stats.PACKABLE:
+            value = fields.get(name)
+            if isinstance(value, torch.Tensor):
+                packed_names += (name,)
+                parts.append(fields.pop(name))
+        self.steps.append(SampledStep(parts, packed_names, fields))
 
     def take(self) -> list[SampledStep]:
         self.settle()

@@ -151,18 +151,23 @@ def _sqrt(x: float) -> float:
 
 
 def derived_gram(
-    values: Sequence[float], num: int, derived: int, has_direct: Sequence[bool]
+    values: Sequence[float], num: int, derived: int, has_direct: Sequence[bool] | None
 ) -> tuple[list[float], int]:
     """The T x T Gram matrix of a step whose task `derived` was read from the user's backward.
 
-    Input: per parameter ``g.g`` then (if any direct task reaches it) ``a a^T`` and ``a g`` for
-    the D = T-1 direct tasks, then the T coefficients ``c``. With ``M = [a; g]`` and
-    ``A = [[I, 0], [-c_D / c_d, 1 / c_d]]`` the task gradients are ``A M``, so
+    Input: ``M M^T`` with ``M = [a; g]`` (the D = T-1 direct task gradients, then the combined
+    one), either whole (row-major, `has_direct` None) or per parameter: ``g.g`` then (if any
+    direct task reaches it, per `has_direct`) ``a a^T`` and ``a g``; then the T coefficients
+    ``c``. With ``A = [[I, 0], [-c_D / c_d, 1 / c_d]]`` the task gradients are ``A M``, so
     ``K = A (M M^T) A^T``; rows are then put back in task order. Returns (K row-major, next pos).
     """
     d = num - 1
-    k_m = [[0.0] * num for _ in range(num)]  # rows/cols: direct tasks, then the total g
-    pos = 0
+    if has_direct is None:
+        k_m = [list(values[i * num : (i + 1) * num]) for i in range(num)]
+        has_direct, pos = (), num * num
+    else:
+        k_m = [[0.0] * num for _ in range(num)]  # rows/cols: direct tasks, then the total g
+        pos = 0
     for direct in has_direct:
         k_m[d][d] += values[pos]
         pos += 1
@@ -179,15 +184,22 @@ def derived_gram(
     pos += num
     c_direct = coeffs[:derived] + coeffs[derived + 1 :]
     inv = _div(1.0, coeffs[derived])
-    a_map = [[1.0 if i == j else 0.0 for j in range(num)] for i in range(d)]
-    a_map.append([-c * inv for c in c_direct] + [inv])
-    full = [
-        [
-            sum(a_map[i][p] * k_m[p][q] * a_map[j][q] for p in range(num) for q in range(num))
-            for j in range(num)
+    a_last = [-c * inv for c in c_direct] + [inv]  # the last row of A
+    if math.isfinite(inv) and all(math.isfinite(v) for row in k_m for v in row):
+        # A = [[I, 0], a_last]: only the last row and column of K differ from M M^T.
+        full = [row[:] for row in k_m]
+        for i in range(d):
+            full[i][d] = full[d][i] = sum(k_m[i][q] * a_last[q] for q in range(num))
+        full[d][d] = sum(a_last[p] * k_m[p][q] * a_last[q] for p in range(num) for q in range(num))
+    else:  # the general product, so that NaN/inf spread exactly as the definition says
+        a_map = [[1.0 if i == j else 0.0 for j in range(num)] for i in range(d)] + [a_last]
+        full = [
+            [
+                sum(a_map[i][p] * k_m[p][q] * a_map[j][q] for p in range(num) for q in range(num))
+                for j in range(num)
+            ]
+            for i in range(num)
         ]
-        for i in range(num)
-    ]
     rows = [i for i in range(num) if i != derived] + [derived]  # task index of each row
     where = {task: row for row, task in enumerate(rows)}
     gram = [full[where[i]][where[j]] for i in range(num) for j in range(num)]
