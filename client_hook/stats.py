@@ -11,7 +11,7 @@ Notation (T tasks, W = the chosen shared parameters, w_i = task weight, L_i = ta
 - ``relative_inverse_rate_i = loss_ratio_i / mean_j loss_ratio_j`` (r_i);
 - ``cos(i, j) = <g_i, g_j> / max(G_i G_j, eps)`` (direction conflict when negative; like
   ``torch.nn.functional.cosine_similarity``, a zero gradient gives 0 rather than NaN);
-- per step ``ratio = max_i G_i / min_i G_i``.
+- per step ``ratio = max_i |w_i| G_i / min_i |w_i| G_i`` (the imbalance the optimiser follows).
 
 All of these come from ONE Gram matrix ``K_ij = <g_i, g_j>`` (G_i = sqrt(K_ii)), so norms and every
 pairwise cosine cost one small matrix product per parameter. Formulas: Chen et al., "GradNorm",
@@ -133,7 +133,16 @@ class StepStats:
 
     @property
     def ratio(self) -> float | None:
-        return norm_ratio([t["grad_norm"] for t in self.tasks.values()])
+        return norm_ratio(imbalance_norms(list(self.tasks.values())))
+
+
+def imbalance_norms(task_values: Sequence[Mapping[str, float | None]]) -> list[float | None]:
+    """The norms whose max/min is the imbalance: the WEIGHTED norms ``|w_i| G_i`` (what the
+    optimiser follows; equal to ``G_i`` under equal weights) when every task has one, else ``G_i``.
+    """
+    if all(t.get("weighted_grad_norm") is not None for t in task_values):
+        return [t["weighted_grad_norm"] for t in task_values]
+    return [t.get("grad_norm") for t in task_values]
 
 
 def _div(a: float, b: float) -> float:
@@ -286,8 +295,9 @@ def epoch_record(epoch: int, tasks: Sequence[str], steps: Sequence[StepStats]) -
     """Reduce an epoch's sampled steps to the wire `EpochRecord` (without user-given values).
 
     Every per-task field and every pair cosine is the mean over the sampled steps;
-    ``grad_norm_ratio = max_i mean G_i / min_i mean G_i``; ``peak_grad_norm_ratio`` is the largest
-    per-step ratio; ``min_cosine`` is the smallest pair mean. Epochs without a sampled step carry
+    ``grad_norm_ratio = max_i / min_i`` of the mean weighted norms ``|w_i| G_i`` (of ``G_i`` when
+    weights are unknown, see `imbalance_norms`); ``peak_grad_norm_ratio`` is the largest per-step
+    ratio; ``min_cosine`` is the smallest pair mean. Epochs without a sampled step carry
     no task numbers (None = not measured).
     """
     record: dict = {"epoch": epoch}
@@ -307,7 +317,7 @@ def epoch_record(epoch: int, tasks: Sequence[str], steps: Sequence[StepStats]) -
         {"a": tasks[i], "b": tasks[j], "value": cosine_means[k]}
         for k, (i, j) in enumerate(pairs(len(tasks)))
     ]
-    record["grad_norm_ratio"] = norm_ratio([task_block[t]["grad_norm"] for t in tasks])
+    record["grad_norm_ratio"] = norm_ratio(imbalance_norms([task_block[t] for t in tasks]))
     record["peak_grad_norm_ratio"] = _max([s.ratio for s in steps])
     if cosine_means:
         record["min_cosine"] = (

@@ -84,7 +84,7 @@ def test_step_formulas():
     assert math.isclose(b["relative_inverse_rate"], 1.0 / 0.75, rel_tol=1e-6)
     assert (a["task_weight"], b["task_weight"]) == (0.25, -2.0)
     assert math.isclose(step.cosines[0], -3.0 / 6.0, rel_tol=1e-6)
-    assert step.ratio == 1.5
+    assert math.isclose(step.ratio, 4.0 / 0.75, rel_tol=1e-6)  # of the weighted norms |w| G
 
 
 def test_tensor_fields_travel_packed_with_the_step():
@@ -133,7 +133,7 @@ def test_zero_initial_loss_gives_infinite_loss_ratio_not_an_error():
 
 def _step(g_a: float, g_b: float, cos: float) -> stats.StepStats:
     def task(g: float) -> dict[str, float]:
-        return {f: 1.0 for f in stats.TASK_FIELDS} | {"grad_norm": g}
+        return {f: 1.0 for f in stats.TASK_FIELDS} | {"grad_norm": g, "weighted_grad_norm": g}
 
     return stats.StepStats({"a": task(g_a), "b": task(g_b)}, [cos], None)
 
@@ -145,6 +145,21 @@ def test_epoch_ratio_is_ratio_of_mean_norms_and_peak_is_largest_step_ratio():
     assert record["peak_grad_norm_ratio"] == 10.0
     assert math.isclose(record["cosines"][0]["value"], 0.2)
     assert math.isclose(record["min_cosine"], 0.2)
+
+
+def test_epoch_ratio_is_of_weighted_norms_when_weights_balance_the_tasks():
+    # GradNorm-like: raw norms 400:1, weights 0.005 and 1 -> weighted norms 2:1.
+    steps = [_step(400.0, 1.0, 0.0)]
+    steps[0].tasks["a"]["weighted_grad_norm"] = 2.0
+    record = stats.epoch_record(0, ["a", "b"], steps)
+    assert record["grad_norm_ratio"] == 2.0
+    assert record["peak_grad_norm_ratio"] == 2.0
+
+
+def test_epoch_ratio_falls_back_to_plain_norms_without_weighted_ones():
+    steps = [_step(400.0, 1.0, 0.0)]
+    del steps[0].tasks["b"]["weighted_grad_norm"]
+    assert stats.epoch_record(0, ["a", "b"], steps)["grad_norm_ratio"] == 400.0
 
 
 def test_epoch_record_keeps_non_finite_norms():
