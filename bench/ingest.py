@@ -42,18 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from server.models import TASK_FIELDS  # noqa: E402
 from tests.support import ServerProcess, create_pg_database, drop_pg_database  # noqa: E402
 
-TASK_FIELDS = (
-    "grad_norm",
-    "weighted_grad_norm",
-    "loss",
-    "loss_ratio",
-    "relative_inverse_rate",
-    "task_weight",
-    "contribution_share",
-    "target_grad_norm",
-)
 EPOCH_FIELDS = (
     "grad_norm_ratio",
     "peak_grad_norm_ratio",
