@@ -88,8 +88,11 @@ def expected_epoch(epoch: int, steps: list[dict], initial: dict[str, float]) -> 
         tasks[t]["task_weight"] = mean([s["weight"][t] for s in steps])
         tasks[t]["loss_ratio"] = mean([r[t] for r in ratios])
         tasks[t]["relative_inverse_rate"] = mean([r[t] for r in rel])
-    g = [tasks[t]["grad_norm"] for t in TASKS]
-    step_ratios = [max(s["grad_norm"].values()) / min(s["grad_norm"].values()) for s in steps]
+    # The imbalance is between the weighted norms |w_i| G_i (what the optimiser follows).
+    g = [tasks[t]["weighted_grad_norm"] for t in TASKS]
+    step_ratios = [
+        max(s["weighted_grad_norm"].values()) / min(s["weighted_grad_norm"].values()) for s in steps
+    ]
     cosine = mean([s["cosine"] for s in steps])
     return {
         "epoch": epoch,

@@ -1,0 +1,246 @@
+"""Reading gradients: hooks on a backward pass, and where the per-task gradients go.
+
+`client_hook.sampler` decides which backward passes run on a sampled step; this module holds the
+pieces that capture and accumulate their gradients:
+
+* `BackwardCapture` and `ParamTap`: hooks that read ``c_i = d root / d L_i`` (on each loss) and
+  the combined gradient ``g`` (on each shared parameter) while the user's own ``backward()``
+  runs, without raising into it;
+* `FlatGrads` (models up to `sampler.FLAT_MAX_NUMEL` shared elements): the gradients side by side
+  in the rows of one ``[rows, N]`` buffer (one foreach copy per task, one ``copy_`` per parameter
+  hook), so every norm and inner product comes from ONE matmul;
+* `GramWithTotal` (larger models): no gradient is copied; per-parameter Gram blocks are kept and
+  summed on the delivery thread (`stats.derived_gram`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial, reduce
+from typing import Any
+
+import torch
+
+_HALF = (torch.float16, torch.bfloat16)
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
+
+
+def _copy_all(dst: list[torch.Tensor], src: Sequence[torch.Tensor | None]) -> None:
+    """``dst[k] <- src[k]`` (zero where a source is None: no gradient reaches that parameter)."""
+    if _FOREACH_COPY is not None and all(s is not None for s in src):
+        _FOREACH_COPY(dst, src)
+        return
+    for d, s in zip(dst, src, strict=True):
+        d.zero_() if s is None else d.copy_(s)
+
+
+class FlatGrads:
+    """One ``[rows, N]`` buffer (N = all shared elements, in at least float32) and, per row, a
+    view shaped like each parameter: a row holds one task's gradient (or the step's combined
+    gradient), so the Gram matrix of any leading rows is ONE matmul. Reused from step to step
+    (each step's result is a fresh matmul output; on CUDA, the rows written inside a backward
+    are on its leaf streams, which the backward makes the caller's stream wait for); rebuilt if
+    the parameters move."""
+
+    def __init__(self, params: Sequence[torch.Tensor], rows: int) -> None:
+        first = params[0]
+        self.key = (first.device, first.dtype)
+        dtype = reduce(torch.promote_types, [p.dtype for p in params], torch.float32)
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.buffer = torch.empty(rows, sum(self.numels), dtype=dtype, device=first.device)
+        self.rows = [self._views(self.buffer[r], 0) for r in range(rows)]
+        # what each parameter's hook calls to write the combined gradient into a row
+        self.sinks: list[list[Callable[[torch.Tensor], Any]]] = [
+            [view.copy_ for view in row] for row in self.rows
+        ]
+        self.tops = [self.buffer[:count] for count in range(rows + 1)]
+        self._blocks: dict[int, list[torch.Tensor]] = {}
+
+    def _views(self, rows: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        parts = rows.split(self.numels, dim=dim)
+        lead = tuple(rows.shape[:dim])
+        return [v.view(*lead, *s) for v, s in zip(parts, self.shapes, strict=True)]
+
+    def write(self, first_row: int, grads: Sequence[torch.Tensor | None]) -> None:
+        """One task's per-parameter gradients into row `first_row`."""
+        _copy_all(self.rows[first_row], grads)
+
+    def write_batched(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Per parameter ``[count, *shape]`` (`stats.batched_task_grads`) into rows 0..count-1."""
+        count = next(g.shape[0] for g in grads if g is not None)
+        if count not in self._blocks:
+            self._blocks[count] = self._views(self.tops[count], 1)
+        _copy_all(self._blocks[count], grads)
+
+    def gram(self, count: int) -> torch.Tensor:
+        top = self.tops[count]
+        return top @ top.T
+
+
+def on_loss_grad(loss: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any:
+    """Call `hook` with the gradient reaching `loss` in a backward pass; returns the handle.
+
+    A pre-hook on the loss's own autograd node (what a tensor hook on it amounts to, with less
+    bookkeeping); a tensor hook where the loss has no node."""
+    node = loss.grad_fn
+    if node is None:
+        return loss.register_hook(hook)
+    index = loss.output_nr
+
+    def prehook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+        grad = grad_outputs[index]
+        if grad is not None:
+            hook(grad)
+
+    return node.register_prehook(prehook)
+
+
+class BackwardCapture:
+    """Reads ``c_i`` (hooks on the losses) and the shared parameters' gradients (a `ParamTap`)
+    from the next backward pass.
+
+    Each parameter's gradient goes to ``sinks[k]`` as it arrives and is not kept (so autograd can
+    still move it into ``.grad`` without a copy); with no sinks it is stored in `grads`. A sink
+    that raises calls `on_error` (never raise inside the user's backward).
+    """
+
+    def __init__(
+        self,
+        losses: Sequence[torch.Tensor],
+        tap: ParamTap,
+        on_complete: Callable[[BackwardCapture], None],
+        sinks: Sequence[Callable[[torch.Tensor], Any]] | None,
+        on_error: Callable[[Exception], None],
+    ) -> None:
+        num_params = len(tap.params)
+        self.losses: list[torch.Tensor] | None = list(losses)
+        self.coeffs: list[torch.Tensor | None] = [None] * len(losses)
+        self.grads: list[torch.Tensor | None] = [None] * num_params
+        self.seen = [False] * (len(losses) + num_params)
+        self.missing = len(self.seen)
+        self.done = False
+        self.mixed = False  # hooks fired in more than one backward pass (e.g. a balancer's)
+        self.graph_task: int | None = None
+        self.on_complete = on_complete
+        self.sinks = sinks
+        self.on_error = on_error
+        self.tap = tap
+        self.handles = [on_loss_grad(loss, self._loss_hook(i)) for i, loss in enumerate(losses)]
+        tap.arm(self)
+
+    def _arrived(self, index: int) -> bool:
+        """Bookkeeping of one hook; False if the value is not ours to read."""
+        seen = self.seen
+        if self.done or seen[index]:
+            return False  # a later backward through the same graph
+        task = _GRAPH_TASK() if _GRAPH_TASK is not None else 0
+        if self.graph_task is None:
+            self.graph_task = task
+        elif task != self.graph_task:
+            self.mixed = True
+        seen[index] = True
+        return True
+
+    def _loss_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if self._arrived(index):
+                self.coeffs[index] = grad
+                self._count()
+
+        return hook
+
+    def param_grad(self, k: int, grad: torch.Tensor) -> None:
+        if not self._arrived(len(self.coeffs) + k):
+            return
+        if self.sinks is None:
+            self.grads[k] = grad
+        else:
+            try:
+                if torch.is_grad_enabled():  # only under backward(create_graph=True)
+                    with torch.no_grad():
+                        self.sinks[k](grad)
+                else:
+                    self.sinks[k](grad)
+            except Exception as exc:  # noqa: BLE001 - inside the user's backward: never raise
+                self.on_error(exc)
+        self._count()
+
+    def _count(self) -> None:
+        self.missing -= 1
+        if self.missing == 0:
+            self.done = True
+            if not self.mixed:
+                self.on_complete(self)  # inside the user's backward; must never raise
+            self.losses = None
+
+    def remove(self, keep_tap: bool = False) -> None:
+        # Called on the next observe(), never from inside a hook (the hook dict is being iterated).
+        for handle in self.handles:
+            handle.remove()
+        self.tap.disarm(keep_tap)
+
+
+class ParamTap:
+    """One hook per shared parameter, forwarding its gradient to the armed `BackwardCapture`.
+
+    The hooks stay registered from one sampled step to the next when the next step is sampled
+    too (``sample_every=1``: registering and removing them every step costs more than running
+    them) and are removed before any step that is not sampled, which therefore runs none.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        self.handles: list[Any] = []
+        self.capture: BackwardCapture | None = None
+
+    def arm(self, capture: BackwardCapture) -> None:
+        if not self.handles:
+            self.handles = [p.register_hook(self._hook(k)) for k, p in enumerate(self.params)]
+        self.capture = capture
+
+    def _hook(self, k: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            capture = self.capture
+            if capture is not None:
+                capture.param_grad(k, grad)
+
+        return hook
+
+    def disarm(self, keep: bool = False) -> None:
+        self.capture = None
+        if not keep:
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
+
+
+class GramWithTotal:
+    """Per parameter, the Gram blocks of ``[g_i for i != d] + [g]`` (direct task gradients and
+    the combined gradient): ``a a^T``, ``a g``, ``g.g``. Three products, no copy of any gradient
+    (the layout for models above `sampler.FLAT_MAX_NUMEL`). They are packed as they are;
+    `stats.step_stats` sums them and applies ``g_d = (g - sum_{i != d} c_i g_i) / c_d`` on the
+    delivery thread (`stats.derived_gram`)."""
+
+    def __init__(self, direct: list[torch.Tensor | None]) -> None:
+        self.direct = direct
+        self.pieces: list[torch.Tensor] = []
+        self.has_direct: list[bool] = []
+
+    def add(self, index: int, total: torch.Tensor) -> None:
+        g = total.reshape(-1)
+        if g.dtype in _HALF:
+            g = g.float()
+        a = self.direct[index]
+        self.has_direct.append(a is not None)
+        if a is None:
+            self.pieces.append(g @ g)
+        else:
+            a = a.reshape(a.shape[0], -1)
+            if a.dtype != g.dtype:
+                a = a.to(g.dtype)
+            self.pieces += [g @ g, a @ a.T, a @ g]
+
+    def sinks(self) -> list[Callable[[torch.Tensor], Any]]:
+        return [partial(self.add, k) for k in range(len(self.direct))]

@@ -1,0 +1,159 @@
+"""Both gradient layouts of the sampler against plain ``torch.autograd.grad``.
+
+Test models are far below `sampler.FLAT_MAX_NUMEL`, so by default only the flat buffer runs.
+The ``layout`` fixture also runs every check with the threshold patched to 0: the large-model
+path (per-parameter Gram blocks, `capture.GramWithTotal` / `stats.gram_matrix`, no flat buffer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from client_hook import GradMonitor, sampler
+from client_hook.capture import FlatGrads
+from client_hook.spool import LocalRunFile
+from tests.client_hook.hook_support import (
+    TASKS,
+    DualTaskMLP,
+    assert_record_matches,
+    make_batch,
+    task_losses,
+    train,
+)
+
+
+@pytest.fixture(params=["flat", "per_parameter"])
+def layout(request, monkeypatch) -> str:
+    """Which gradient layout the monitors of this test use (set before they are built)."""
+    if request.param == "per_parameter":
+        monkeypatch.setattr(sampler, "FLAT_MAX_NUMEL", 0)
+    return request.param
+
+
+def _monitor(tmp_path: Path, shared, **kwargs) -> GradMonitor:
+    return GradMonitor(shared, TASKS, run_name="t", local_path=tmp_path / "run.jsonl", **kwargs)
+
+
+def _trained(
+    tmp_path: Path, *, reuse_backward: bool, batched: bool = True, params=None, weights=None
+) -> tuple[list[dict], list[dict], GradMonitor]:
+    """Two epochs of five sampled steps: with reuse, one verification step then derived steps."""
+    made: list[GradMonitor] = []
+
+    def factory(model: DualTaskMLP) -> GradMonitor:
+        shared = list(params(model)) if params else model.shared
+        made.append(
+            _monitor(
+                tmp_path, shared, sample_every=1, reuse_backward=reuse_backward, batched=batched
+            )
+        )
+        return made[0]
+
+    expected = train(
+        factory, epochs=2, steps_per_epoch=5, sample_every=1, params=params, weights=weights
+    )
+    made[0].close()
+    return LocalRunFile.read(tmp_path / "run.jsonl")[1], expected, made[0]
+
+
+def test_layout_fixture_selects_the_flat_buffer_or_none(tmp_path, layout):
+    model = DualTaskMLP()
+    monitor = _monitor(tmp_path, model.shared, sample_every=1)
+    losses = task_losses(model, make_batch(torch.Generator().manual_seed(0)))
+    monitor.observe(losses)
+    (losses["rul"] + losses["health"]).backward()
+    monitor.close()
+    if layout == "flat":
+        assert isinstance(monitor.sampler._flat, FlatGrads)
+    else:
+        assert monitor.sampler._flat is None
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "looped"])
+@pytest.mark.parametrize("reuse_backward", [True, False], ids=["reuse", "direct"])
+def test_norms_and_cosine_match_independent_autograd(tmp_path, layout, reuse_backward, batched):
+    records, expected, monitor = _trained(tmp_path, reuse_backward=reuse_backward, batched=batched)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for got, want in zip(records, expected, strict=True):
+        assert_record_matches(got, want)
+    # no silent fallback: the strategy under test is the one that produced the numbers
+    assert monitor.sampler.reuse_backward == reuse_backward and not monitor.warn.messages
+    assert (monitor.sampler._derived is not None) == reuse_backward
+
+
+@pytest.mark.parametrize("reuse_backward", [True, False], ids=["reuse", "direct"])
+def test_parameters_reached_by_one_task_match_independent_autograd(
+    tmp_path, layout, reuse_backward
+):
+    """Watching the health head too: only the health loss reaches its parameters, so a task
+    read from the backward meets parameters with no direct gradient (zeros in the reference)."""
+
+    def shared_and_health_head(model: DualTaskMLP) -> list[torch.Tensor]:
+        return [*model.shared.parameters(), *model.head_health.parameters()]
+
+    # health weighted up so that it is the task derived from the backward
+    weights = {"rul": 0.001, "health": 2.0}
+    records, expected, monitor = _trained(
+        tmp_path, reuse_backward=reuse_backward, params=shared_and_health_head, weights=weights
+    )
+    for got, want in zip(records, expected, strict=True):
+        assert_record_matches(got, want)
+    assert monitor.sampler.reuse_backward == reuse_backward and not monitor.warn.messages
+    assert monitor.sampler._derived == (TASKS.index("health") if reuse_backward else None)
+
+
+def _flat_grad(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, list(params), retain_graph=True)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.mark.parametrize("reuse_backward", [True, False], ids=["reuse", "direct"])
+def test_three_tasks_match_independent_autograd(tmp_path, layout, reuse_backward):
+    """T = 3: with reuse, two task gradients are direct and one is derived from the backward."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(3))
+    names = ["a", "b", "c"]
+    weights = {"a": 0.2, "b": 1.5, "c": 0.7}
+    monitor = GradMonitor(
+        trunk,
+        names,
+        local_path=tmp_path / "run.jsonl",
+        sample_every=1,
+        reuse_backward=reuse_backward,
+    )
+    gen = torch.Generator().manual_seed(0)
+    params = list(trunk.parameters())
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    norms, cosines = [], []
+    for _ in range(6):
+        h = trunk(torch.randn(16, 6, generator=gen))
+        losses = {
+            n: (head(h) ** (k + 1)).mean()
+            for k, (n, head) in enumerate(zip(names, heads, strict=True))
+        }
+        flat = [_flat_grad(losses[n], params) for n in names]
+        norms.append([float(torch.linalg.vector_norm(f)) for f in flat])
+        cosines.append(
+            [
+                float(torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0))
+                for i, j in pairs
+            ]
+        )
+        monitor.observe(losses, weights=weights)
+        sum(weights[n] * losses[n] for n in names).backward()
+    monitor.close()
+    assert monitor.sampler.reuse_backward == reuse_backward and not monitor.warn.messages
+    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
+    for k, name in enumerate(names):
+        want = sum(step[k] for step in norms) / len(norms)
+        assert math.isclose(record["tasks"][name]["grad_norm"], want, rel_tol=1e-4), name
+    assert [(p["a"], p["b"]) for p in record["cosines"]] == [("a", "b"), ("a", "c"), ("b", "c")]
+    for k, pair in enumerate(record["cosines"]):
+        want = sum(step[k] for step in cosines) / len(cosines)
+        assert math.isclose(pair["value"], want, rel_tol=1e-4, abs_tol=1e-5), pair
