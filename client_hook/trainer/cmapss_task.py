@@ -63,7 +63,11 @@ class CmapssProblem:
 
     @property
     def shared(self) -> nn.Module:
-        return self.model.shared
+        shared = self.model.shared
+        assert isinstance(
+            shared, nn.Module
+        )  # for the type checker: submodules type as Tensor | Module
+        return shared
 
     def batches(self, epoch: int) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor]]]:
         order = torch.randperm(self.train_x.shape[0], generator=self.generator).to(self.device)

@@ -64,7 +64,11 @@ class ToyProblem:
 
     @property
     def shared(self) -> nn.Module:
-        return self.model.shared
+        shared = self.model.shared
+        assert isinstance(
+            shared, nn.Module
+        )  # for the type checker: submodules type as Tensor | Module
+        return shared
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         """n fresh points: x (n, 250) on the unit sphere, targets (T, n, 100)."""
