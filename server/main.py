@@ -57,7 +57,7 @@ def _with_non_finite_docs(app: FastAPI) -> Callable[[], dict[str, Any]]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: GRADWATCH_* variables). Migrations are not run here:
     `gradwatch serve` (and the tests) run `server.db.run_migrations` first."""
-    from server.routes import api, login, pages, stream
+    from server.routes import api, api_docs, login, pages, stream
 
     settings = settings or get_settings()
     engine = create_db_engine(settings.database_url)
@@ -72,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Per-task gradient statistics of multi-task training runs.",
         version=api.app_version(),
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's own /docs loads Swagger UI from a CDN; see routes/api_docs.py
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -82,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pages.router)
     app.include_router(stream.router)
     login.install(app)  # /login, /logout, and the form for LoginRequired
+    api_docs.install(app)
     app.mount("/static", StaticFiles(directory=asset_dir("static")), name="static")
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeadersMiddleware)

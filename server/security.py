@@ -152,17 +152,16 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-# No CDN, no inline scripts; Plotly needs inline styles. /docs (Swagger UI) loads its assets
-# from a CDN, so it gets a looser policy of its own.
+# No CDN, no inline scripts; Plotly needs inline styles. /docs (Swagger UI, served locally by
+# server/routes/api_docs.py) starts itself with one inline script, so it alone allows those.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; "
     "object-src 'none'; base-uri 'self'; frame-ancestors 'none'; form-action 'self'"
 )
 DOCS_CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https:; "
-    "frame-ancestors 'none'"
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; frame-ancestors 'none'"
 )
 
 
