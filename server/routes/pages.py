@@ -12,6 +12,7 @@ import gzip
 import json
 import math
 import re
+import secrets
 import threading
 import uuid
 from collections import OrderedDict
@@ -91,11 +92,11 @@ def fmt_when(value: datetime | None) -> str:
 templates.env.filters.update(ratio=fmt_ratio, ratio_class=ratio_class, when=fmt_when, peak=fmt_peak)
 
 
-def json_for_script(data: Any) -> Markup:
-    """JSON safe inside <script type="application/json">: no `</script>`, no HTML parsing."""
-    text = orjson.dumps(data).decode()
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return Markup(text)  # noqa: S704 - escaped above; the block is data, never executed
+def json_bytes_for_script(data: Any) -> bytes:
+    """UTF-8 JSON safe inside <script type="application/json">: no `</script>`, no HTML parsing.
+    orjson writes NaN/Inf as null (figures carry None for them already)."""
+    raw = orjson.dumps(data)  # compact; `<`, `>` and `&` can only occur inside JSON strings
+    return raw.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
 
 
 def settings_of(request: Request) -> Settings:
@@ -105,6 +106,24 @@ def settings_of(request: Request) -> Settings:
 def render(request: Request, name: str, nav: str, **context: Any) -> HTMLResponse:
     context.update(version=VERSION, asset_version=VERSION, nav=nav, plotly_url=plotly_url())
     return templates.TemplateResponse(request, name, context)
+
+
+# Where a page's JSON payload goes: a per-process random token, so no stored string can fake it.
+PAYLOAD_SLOT = f"gw-payload-{secrets.token_hex(16)}"
+
+
+def render_with_payload(
+    request: Request, name: str, nav: str, payload: Any, **context: Any
+) -> HTMLResponse:
+    """`render` with the page's (megabytes of) figure JSON spliced in as bytes afterwards: it
+    never goes through a str decode, the template's output join, or the response's encode."""
+    response = render(request, name, nav, payload=Markup(PAYLOAD_SLOT), **context)
+    head, slot, tail = bytes(response.body).rpartition(PAYLOAD_SLOT.encode())
+    if not slot:
+        raise RuntimeError(f"template {name} has no {{{{ payload }}}}")
+    response.body = b"".join((head, json_bytes_for_script(payload), tail))
+    response.headers["content-length"] = str(len(response.body))
+    return response
 
 
 def parse_run_id(value: str) -> uuid.UUID:
@@ -238,13 +257,12 @@ def run_page(request: Request, session: SessionDep, run_id: str) -> HTMLResponse
         "figures_url": f"/api/runs/{rid}/figures",
     }
     alerts = queries.list_alerts(session, run_id=rid)
-    return render(
-        request, "run.html", "run", run=run, alerts=alerts, live=live,
+    return render_with_payload(
+        request, "run.html", "run", payload, run=run, alerts=alerts, live=live,
         downsampled=data["downsampled"], total_epochs=data["total_epochs"],
         shown_epochs=data["shown_epochs"],
         chart_keys=list(data["figures"]),
         config_json=json.dumps(run.config, indent=2, sort_keys=True, default=str),
-        payload=json_for_script(payload),
     )  # fmt: skip
 
 
@@ -284,13 +302,17 @@ def compare_page(
         figures = charts.compare_figures(pairs)
         context.update(
             chart_keys=list(figures),
-            payload=json_for_script({"figures": figures}),
             downsampled=any(m.downsampled for _, m in pairs),
             max_points=max_points,
         )
     choices = queries.list_runs(session, limit=COMPARE_CHOICES).runs
     missing = [r for r in selected if r.id not in {c.id for c in choices}]
-    return render(request, "compare.html", "compare", choices=missing + choices, **context)
+    context["choices"] = missing + choices
+    if "chart_keys" in context:
+        return render_with_payload(
+            request, "compare.html", "compare", {"figures": figures}, **context
+        )
+    return render(request, "compare.html", "compare", **context)
 
 
 # ---------------------------------------------------------------- alerts

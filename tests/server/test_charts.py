@@ -273,6 +273,18 @@ def test_finite_or_none_keeps_zero_and_ints() -> None:
     assert charts.finite_or_none([0.0, 3, None, -math.inf]) == [0.0, 3, None, None]
 
 
+def test_all_finite_sees_nan_and_infinity_between_missing_values() -> None:
+    assert charts.all_finite([None, 1.0, 0, None, -2.5]) is True
+    assert charts.all_finite([None, 1.0, NAN]) is False
+    assert charts.all_finite([INF, None, -INF]) is False
+
+
+def test_finite_or_none_keeps_finite_values_whose_sum_overflows() -> None:
+    big = [1e308, 1e308, 2 * 10**400]
+    assert charts.finite_or_none(big) == big
+    assert charts.finite_or_none([1e308, 1e308, NAN]) == [1e308, 1e308, None]
+
+
 def test_log_ticks_are_one_two_five_over_a_narrow_range() -> None:
     ticks = charts.log_ticks([3.0, 40.0])
     assert [t for t in ticks if 1 <= t <= 100] == [1, 2, 5, 10, 20, 50, 100]

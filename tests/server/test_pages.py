@@ -16,7 +16,7 @@ import pytest
 
 from server.config import Settings
 from server.main import create_app
-from server.routes.pages import plotly_url
+from server.routes.pages import PAYLOAD_SLOT, plotly_url
 from tests.e2e.seed import TASKS, synthetic_epochs
 from tests.support import ServerProcess
 
@@ -123,6 +123,21 @@ def test_run_page_embeds_six_figures_and_the_cursor(client: TestClient) -> None:
     assert data["cursor"] > 0 and data["live"] is True
     names = [t["name"] for t in data["figures"]["grad_norm"]["data"] if t["mode"] == "lines"]
     assert names == TASKS
+
+
+def test_run_page_content_length_matches_the_body_with_its_figures(client: TestClient) -> None:
+    run_id = make_run(client, "réseau · ‖g‖", epochs=30)
+    r = client.get(f"/runs/{run_id}")
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert embedded(r.text, "run-data")["run"]["name"] == "réseau · ‖g‖"
+
+
+def test_run_named_like_the_payload_slot_keeps_its_name_and_figures(client: TestClient) -> None:
+    run_id = make_run(client, PAYLOAD_SLOT, epochs=5, config={"note": PAYLOAD_SLOT})
+    html = client.get(f"/runs/{run_id}").text
+    assert f'<span id="run-name">{PAYLOAD_SLOT}</span>' in html
+    data = embedded(html, "run-data")
+    assert data["run"]["name"] == PAYLOAD_SLOT and len(data["figures"]) == 6
 
 
 def test_run_page_json_block_cannot_close_the_script_tag(client: TestClient) -> None:
