@@ -2,7 +2,8 @@
 # Set up, start the gradwatch server on SQLite, and stream a reference GradNorm run into it.
 # The server keeps running afterwards so the dashboard stays up; Ctrl-C stops it.
 #   PORT=8001 bash scripts/demo.sh        # another port
-#   DEMO_ARGS="--method equal" bash ...   # other trainer arguments
+#   DEMO_ARGS="--method equal" bash ...   # other trainer arguments (default: 150 epochs, ~1 min,
+#                                         # long enough to watch the charts grow)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,7 +23,7 @@ for _ in $(seq 60); do
 done
 echo "gradwatch dashboard: $url   (server log: .gradwatch/server.log, database: gradwatch.db)"
 # shellcheck disable=SC2086
-.venv/bin/gradwatch train --dataset cmapss --method gradnorm --server "$url" ${DEMO_ARGS:-}
+.venv/bin/gradwatch train --dataset cmapss --method gradnorm --server "$url" ${DEMO_ARGS:---epochs 150}
 echo
 echo "Training done. The dashboard is still at $url - press Ctrl-C to stop the server."
 wait "$server_pid"
