@@ -42,17 +42,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from server import models  # noqa: E402
 from server.models import TASK_FIELDS  # noqa: E402
 from tests.support import ServerProcess, create_pg_database, drop_pg_database  # noqa: E402
 
-EPOCH_FIELDS = (
-    "grad_norm_ratio",
-    "peak_grad_norm_ratio",
-    "min_cosine",
-    "total_loss",
-    "balancer_loss",
-    "wall_time",
-)
+# step_count is an integer and is sent on its own
+EPOCH_FIELDS = tuple(f for f in models.EPOCH_FIELDS if f != "step_count")
 MLFLOW_VENV = HERE / ".venv-mlflow"
 MLFLOW_MAX_METRICS = 1000
 

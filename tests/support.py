@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -40,6 +41,23 @@ def drop_pg_database(url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float = 30.0) -> dict:
+    """Wait until `url`/health answers 200 and return its JSON; raise with the server's stderr
+    if the process exits first, or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"gradwatch serve exited with {proc.returncode}: {err}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return dict(json.loads(r.read()))
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("gradwatch serve did not become healthy in time")
+
+
 class ServerProcess:
     """`gradwatch serve` in a subprocess on a free loopback port; restartable on the same port."""
 
@@ -70,19 +88,12 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"gradwatch serve exited with {self.proc.returncode}: {err}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gradwatch serve did not become healthy in time")
+        try:
+            wait_healthy(self.proc, self.url, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

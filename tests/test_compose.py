@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import yaml
 
 from server.cli import build_parser
 from server.config import Settings
-from tests.support import PG_ADMIN_URL, REPO_ROOT, free_port
+from tests.support import PG_ADMIN_URL, REPO_ROOT, free_port, wait_healthy
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
@@ -168,15 +167,7 @@ def test_compose_server_configuration_runs_natively(compose_database: str) -> No
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
-            try:
-                health = json.loads(urllib.request.urlopen(base + "/health", timeout=1).read())
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not become healthy"
-                time.sleep(0.2)
+        health = wait_healthy(proc, base)
         assert health["database"] == "postgresql"
         status, run = _request(
             "POST", base + "/api/runs", token, {"name": "compose", "tasks": ["rul", "health"]}
