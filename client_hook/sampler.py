@@ -3,7 +3,8 @@
 Two strategies give the same numbers (tests check both against plain ``torch.autograd.grad``):
 
 * **direct**: all T per-task gradients over the shared parameters in ONE vectorised call
-  (``autograd.grad(..., is_grads_batched=True)``; one call per task where vmap cannot run it);
+  (``autograd.grad(..., is_grads_batched=True)``) on accelerators, one call per task on the CPU
+  or where vmap cannot run the model (`GradMonitor`'s ``batched``);
 * **reuse the user's backward** (default, T >= 2): the training step's own ``backward()``
   already computes ``g = sum_i c_i g_i`` on the shared parameters, where
   ``c_i = d root / d L_i`` (the task weight, times a loss scale if any). Hooks read ``c_i`` (on
@@ -111,13 +112,15 @@ class StepSampler:
         params: Sequence[torch.Tensor],
         *,
         initial_losses: Mapping[str, float],
-        batched: bool,
+        batched: bool | None,
         reuse_backward: bool,
         warn: Callable[[str, str], None],
         verify_every: int = 64,
     ) -> None:
         self.tasks = list(tasks)
         self.params = list(params)
+        self._inputs = tuple(self.params)
+        self._plain_params = stats.plain_tensors(self._inputs)
         self.initial_losses = dict(initial_losses)
         self.batched = batched
         self.reuse_backward = reuse_backward and len(self.tasks) > 1
@@ -169,6 +172,8 @@ class StepSampler:
         )
 
     def _batched_ok(self, count: int) -> bool:
+        if self.batched is None:  # auto: vectorise where it saves time (see `GradMonitor`)
+            return count > 1 and self._inputs[0].device.type != "cpu"
         return self.batched and count > 1
 
     def _batched_failed(self, exc: RuntimeError) -> None:
@@ -204,7 +209,7 @@ class StepSampler:
                 return True
         reached = False
         for row, loss in enumerate(losses):
-            row_grads = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
+            row_grads = stats.task_grad(loss, self._inputs, self._plain_params)
             flat.write(row, row_grads)
             reached = reached or any(g is not None for g in row_grads)
         return reached

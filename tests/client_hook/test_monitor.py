@@ -171,7 +171,7 @@ class _ClipByItem(torch.autograd.Function):
 def test_model_without_batched_grads_falls_back_and_warns_once(tmp_path):
     torch.manual_seed(0)
     model = DualTaskMLP()
-    monitor = _monitor(tmp_path, model, sample_every=1)
+    monitor = _monitor(tmp_path, model, sample_every=1, batched=True)
     gen = torch.Generator().manual_seed(0)
     refs = []
     with pytest.warns(GradwatchWarning, match="batched gradients") as caught:

@@ -38,6 +38,28 @@ def test_looped_grads_equal_batched_grads():
         torch.testing.assert_close(looped, batched)
 
 
+def test_task_grad_equals_autograd_grad_and_keeps_the_graph():
+    model, losses, _, params = _setup(4)
+    inputs = (*params, *model.head_health.parameters())  # unused by the rul loss: None
+    assert stats.plain_tensors(inputs)
+    got = stats.task_grad(losses["rul"], inputs, plain_params=True)
+    want = torch.autograd.grad(losses["rul"], inputs, retain_graph=True, allow_unused=True)
+    assert [g is None for g in got] == [g is None for g in want] == [False, False, True, True]
+    for g, w in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    (losses["rul"] + losses["health"]).backward()  # the graph was retained
+    assert all(p.grad is not None for p in params)
+
+
+def test_task_grad_takes_the_public_path_for_a_non_scalar_loss():
+    _, losses, _, params = _setup(5)
+    loss = losses["health"].reshape(1)  # one element, not 0-d: the public API checks it
+    got = stats.task_grad(loss, tuple(params), plain_params=True)
+    want = torch.autograd.grad(loss, params, retain_graph=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_gram_matrix_holds_squared_norms_and_inner_products():
     _, losses, stacked, params = _setup(2)
     gram = stats.gram_matrix(stats.batched_task_grads(stacked, params), 2)
