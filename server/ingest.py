@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from server import alerts, models, schemas
+from server import alerts, epoch_blocks, models, schemas
 from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
 from server.models import utcnow
@@ -314,6 +314,7 @@ def ingest_batch(
         cosine_rows = [r for p in new for r in p.cosine_rows]
         if cosine_rows:
             _insert(conn, "pair_cosine", COSINE_COLUMNS, cosine_rows)
+        epoch_blocks.store(conn, run_key, [(p.epoch, p.view.grad_norm_ratio) for p in new])
         in_order = run.last_epoch is None or new[0].epoch > run.last_epoch
         views = [p.view for p in new]
         if in_order:

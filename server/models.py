@@ -224,6 +224,26 @@ class PairCosine(Base):
     value: Mapped[float | None] = mapped_column(FloatNaN)
 
 
+class EpochBlock(Base):
+    """grad_norm_ratio extremes over one aligned block of a run's epochs (epochs
+    block_index * block_size .. + block_size - 1), kept at ingest: a downsampled metrics read
+    takes its kept epochs from here instead of scanning (see server.epoch_blocks)."""
+
+    __tablename__ = "epoch_block"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("run.id", ondelete="CASCADE"), primary_key=True
+    )
+    block_size: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    block_index: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    first_epoch: Mapped[int] = mapped_column(sa.Integer)
+    # Comparable ratios only (never NaN; +/-Inf are): plain doubles. NULL: none in the block.
+    min_ratio: Mapped[float | None] = mapped_column(sa.Double)
+    min_ratio_epoch: Mapped[int | None] = mapped_column(sa.Integer)
+    max_ratio: Mapped[float | None] = mapped_column(sa.Double)
+    max_ratio_epoch: Mapped[int | None] = mapped_column(sa.Integer)
+
+
 class Alert(Base):
     """An alert episode: opened at one epoch, closed (or still open) at a later one."""
 
