@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from server import models, schemas
+from server import epoch_blocks, models, schemas
 from server.errors import InvalidInput, RunNotFound
 
 
@@ -94,26 +94,60 @@ def _ints(values: Any) -> str:
     return ",".join(str(int(v)) for v in sorted(values)) or "NULL"
 
 
-def _bucket_extremes(scope: _Scope, lo: int, hi: int, n: int) -> set[int]:
-    """Per bucket of epochs (n equal epoch ranges over lo..hi), the epochs with the smallest
-    and the largest finite grad_norm_ratio (the first one on ties), or the bucket's first
-    epoch when it has no finite ratio. Chosen in the database: two index-only range scans
-    per bucket, no rows to Python. NaN is text on SQLite and sorts above +Inf on PostgreSQL;
-    both fail `<= +Inf`, as NULL does."""
-    span, w = hi - lo + 1, f"{scope.where} AND epoch >= b.lo AND epoch < b.hi"
-    finite = "grad_norm_ratio <= " + ("9e999" if scope.sqlite else "'Infinity'::float8")
-    sql = f"""WITH RECURSIVE k(i) AS (SELECT CAST(0 AS BIGINT) UNION ALL
-        SELECT i + 1 FROM k WHERE i + 1 < {n}),
-      b(lo, hi) AS (SELECT {lo} + (i * {span} + {n - 1}) / {n},
-        {lo} + ((i + 1) * {span} + {n - 1}) / {n} FROM k)
+def _scanned_extremes(scope: _Scope, size: int, first: int, last: int) -> set[int]:
+    """The kept epochs of buckets `first`..`last` (of `size` epochs, see server.epoch_blocks),
+    chosen in the database from the epochs themselves: two index-only range scans per
+    bucket, no rows to Python. For what `epoch_block` cannot answer: a `since` filter, buckets
+    cut by the epoch range, sizes it does not hold. NaN is text on SQLite and sorts above +Inf
+    on PostgreSQL; both fail `<= +Inf`, as NULL does."""
+    w = f"{scope.where} AND epoch >= b.lo AND epoch < b.hi"
+    comparable = "grad_norm_ratio <= " + ("9e999" if scope.sqlite else "'Infinity'::float8")
+    sql = f"""WITH RECURSIVE k(i) AS (SELECT CAST({first} AS BIGINT) UNION ALL
+        SELECT i + 1 FROM k WHERE i < {last}),
+      b(lo, hi) AS (SELECT i * {size}, (i + 1) * {size} FROM k)
     SELECT COALESCE(
-      (SELECT epoch FROM epoch WHERE {w} AND {finite} ORDER BY grad_norm_ratio, epoch LIMIT 1),
+      (SELECT epoch FROM epoch WHERE {w} AND {comparable} ORDER BY grad_norm_ratio, epoch
+       LIMIT 1),
       (SELECT min(epoch) FROM epoch WHERE {w})),
-      (SELECT epoch FROM epoch WHERE {w} AND {finite} ORDER BY grad_norm_ratio DESC, epoch
+      (SELECT epoch FROM epoch WHERE {w} AND {comparable} ORDER BY grad_norm_ratio DESC, epoch
        LIMIT 1)
     FROM b"""
     rows = scope.fetch(sql, scope.params * 3)
     return {e for row in rows for e in row if e is not None}
+
+
+def _stored_extremes(scope: _Scope, size: int, first: int, last: int) -> set[int]:
+    """The kept epochs of whole buckets `first`..`last`, from `epoch_block` (one range read
+    of its primary key, a row per bucket)."""
+    rows = scope.fetch(
+        f"SELECT first_epoch, min_ratio_epoch, max_ratio_epoch FROM epoch_block WHERE run_id = "
+        f"{scope.mark} AND block_size = {size} AND block_index BETWEEN {first} AND {last}",
+        [scope.key],
+    )
+    return epoch_blocks.kept_in_blocks(rows)
+
+
+def _bucket_extremes(
+    scope: _Scope, lo: int, hi: int, n: int, epoch_range: tuple[int | None, int | None], since: bool
+) -> set[int]:
+    """Per aligned bucket over lo..hi (at most `n` of them), the epochs with the smallest and
+    the largest comparable grad_norm_ratio, or the bucket's first epoch (server.epoch_blocks).
+    Whole buckets come from `epoch_block`; a bucket the epoch range cuts is scanned."""
+    size = epoch_blocks.bucket_size(lo, hi, n)
+    first, last = lo // size, hi // size
+    if since or size not in epoch_blocks.BLOCK_SIZES:
+        return _scanned_extremes(scope, size, first, last)
+    epoch_min, epoch_max = epoch_range
+    inner_first = first + (epoch_min is not None and epoch_min > first * size)
+    inner_last = last - (epoch_max is not None and epoch_max < (last + 1) * size - 1)
+    if inner_first > inner_last:
+        return _scanned_extremes(scope, size, first, last)
+    keep = _stored_extremes(scope, size, inner_first, inner_last)
+    if inner_first > first:
+        keep |= _scanned_extremes(scope, size, first, first)
+    if inner_last < last:
+        keep |= _scanned_extremes(scope, size, last, last)
+    return keep
 
 
 def _forced_epochs(scope: _Scope, run_id: uuid.UUID) -> set[int]:
@@ -272,7 +306,8 @@ def _metrics_data(
         )[0]
         downsampled = total > max_points
     if downsampled and max_points:
-        keep = _bucket_extremes(scope, lo, hi, max(1, max_points // 2))
+        n = max(1, max_points // 2)
+        keep = _bucket_extremes(scope, lo, hi, n, (epoch_min, epoch_max), since is not None)
         keep |= _forced_epochs(scope, run_id)
         rows = scope.fetch(
             f"SELECT {EPOCH_COLUMNS} FROM epoch WHERE {scope.where} AND epoch IN "
@@ -339,7 +374,9 @@ def get_metrics(
     `since`: only epochs stored after that ingestion cursor. `max_points`: keep, per bucket of
     epochs, the epochs with the smallest and largest grad_norm_ratio, plus every epoch where an
     alert opened or closed and every epoch holding a NaN/Inf, so spikes never disappear (the
-    result may hold slightly more than `max_points` epochs because of those).
+    result may hold slightly more than `max_points` epochs because of those). Buckets are
+    aligned blocks of a power-of-two number of epochs, between max_points/4 and max_points/2
+    of them for a dense run (see server.epoch_blocks).
     """
     d = metrics_data(
         session,

@@ -149,10 +149,10 @@ def test_metrics_downsampling_keeps_each_buckets_smallest_and_largest_ratio(
     run = make_run(client, ratio_threshold=1e9)
     ratios: dict[int, object] = {e: float((e * 37) % 101) for e in range(1000)}
     _ratios(client, run["id"], ratios)
-    body = _metrics(client, run["id"], max_points=20)  # 10 buckets of 100 epochs
+    body = _metrics(client, run["id"], max_points=20)  # 8 aligned buckets of 128 epochs
     expected = set()
-    for lo in range(0, 1000, 100):
-        bucket = range(lo, lo + 100)
+    for lo in range(0, 1000, 128):
+        bucket = range(lo, min(lo + 128, 1000))
         expected.add(min(bucket, key=lambda e: (ratios[e], e)))
         expected.add(max(bucket, key=lambda e: (ratios[e], -e)))
     assert body["epochs"] == sorted(expected)
@@ -198,8 +198,8 @@ def test_metrics_downsampling_keeps_the_first_epoch_of_a_bucket_without_ratios(
 ) -> None:
     run = make_run(client)
     _ratios(client, run["id"], {e: None for e in range(100)})
-    body = _metrics(client, run["id"], max_points=10)  # 5 buckets of 20 epochs
-    assert body["epochs"] == [0, 20, 40, 60, 80]
+    body = _metrics(client, run["id"], max_points=10)  # 4 aligned buckets of 32 epochs
+    assert body["epochs"] == [0, 32, 64, 96]
 
 
 def test_metrics_downsampled_values_match_the_full_read(client: TestClient) -> None:
