@@ -145,6 +145,7 @@ def main() -> int:
         t0 = time.perf_counter()
         seed(url, runs, epochs, long_epochs, 10, args.pairs)
         print(f"seeded in {time.perf_counter() - t0:.0f} s")
+    run_migrations(url)  # a seed cached by an older version gains the newer tables
     app = create_app(Settings(database_url=url))
     with TestClient(app) as client:
         listing = client.get("/api/runs?limit=200").json()["runs"]
