@@ -19,7 +19,7 @@ from server.db import create_db_engine
 from tests.server.conftest import ingest, make_run
 
 NAN, INF = math.nan, math.inf
-# A small set of values, so that ties are common; 7.5 (above the alert threshold used below),
+# A small set of values, so that ties are common; 7.5 (above test_downsampling's threshold),
 # NaN, +/-Inf and None are rare.
 VALUES: list[Any] = [1.0, 1.5, 2.0, 2.0, 3.0, 0.25] * 8 + [7.5, None, NAN, INF, -INF]
 
