@@ -56,6 +56,8 @@ class FlatGrads:
             [view.copy_ for view in row] for row in self.rows
         ]
         self.tops = [self.buffer[:count] for count in range(rows + 1)]
+        # transposed views made once: `torch.mm` on them skips matmul's per-call layout logic
+        self._tops_t = [top.t() for top in self.tops]
         self._blocks: dict[int, list[torch.Tensor]] = {}
 
     def _views(self, rows: torch.Tensor, dim: int) -> list[torch.Tensor]:
@@ -75,8 +77,7 @@ class FlatGrads:
         _copy_all(self._blocks[count], grads)
 
     def gram(self, count: int) -> torch.Tensor:
-        top = self.tops[count]
-        return top @ top.T
+        return torch.mm(self.tops[count], self._tops_t[count])
 
 
 def on_loss_grad(loss: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any:
