@@ -28,9 +28,12 @@ _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 
 def _copy_all(dst: list[torch.Tensor], src: Sequence[torch.Tensor | None]) -> None:
     """``dst[k] <- src[k]`` (zero where a source is None: no gradient reaches that parameter)."""
-    if _FOREACH_COPY is not None and all(s is not None for s in src):
-        _FOREACH_COPY(dst, src)
-        return
+    if _FOREACH_COPY is not None:
+        try:
+            _FOREACH_COPY(dst, src)
+            return
+        except TypeError:  # a None among the sources
+            pass
     for d, s in zip(dst, src, strict=True):
         d.zero_() if s is None else d.copy_(s)
 
@@ -80,24 +83,6 @@ class FlatGrads:
         return torch.mm(self.tops[count], self._tops_t[count])
 
 
-def on_loss_grad(loss: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> Any:
-    """Call `hook` with the gradient reaching `loss` in a backward pass; returns the handle.
-
-    A pre-hook on the loss's own autograd node (what a tensor hook on it amounts to, with less
-    bookkeeping); a tensor hook where the loss has no node."""
-    node = loss.grad_fn
-    if node is None:
-        return loss.register_hook(hook)
-    index = loss.output_nr
-
-    def prehook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
-        grad = grad_outputs[index]
-        if grad is not None:
-            hook(grad)
-
-    return node.register_prehook(prehook)
-
-
 class BackwardCapture:
     """Reads ``c_i`` (hooks on the losses) and the shared parameters' gradients (a `ParamTap`)
     from the next backward pass.
@@ -106,6 +91,9 @@ class BackwardCapture:
     still move it into ``.grad`` without a copy); with no sinks it is stored in `grads`. A sink
     that raises calls `on_error` (never raise inside the user's backward).
     """
+
+    __slots__ = ("losses", "coeffs", "grads", "seen", "missing", "done", "mixed", "graph_task",
+                 "on_complete", "sinks", "on_error", "tap", "handles")  # fmt: skip
 
     def __init__(
         self,
@@ -116,7 +104,7 @@ class BackwardCapture:
         on_error: Callable[[Exception], None],
     ) -> None:
         num_params = len(tap.params)
-        self.losses: list[torch.Tensor] | None = list(losses)
+        self.losses: Sequence[torch.Tensor] | None = losses
         self.coeffs: list[torch.Tensor | None] = [None] * len(losses)
         self.grads: list[torch.Tensor | None] = [None] * num_params
         self.seen = [False] * (len(losses) + num_params)
@@ -128,7 +116,7 @@ class BackwardCapture:
         self.sinks = sinks
         self.on_error = on_error
         self.tap = tap
-        self.handles = [on_loss_grad(loss, self._loss_hook(i)) for i, loss in enumerate(losses)]
+        self.handles = [self._hook_loss(i, loss) for i, loss in enumerate(losses)]
         tap.arm(self)
 
     def _arrived(self, index: int) -> bool:
@@ -144,13 +132,28 @@ class BackwardCapture:
         seen[index] = True
         return True
 
-    def _loss_hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            if self._arrived(index):
+    def _hook_loss(self, index: int, loss: torch.Tensor) -> Any:
+        """Read the gradient reaching `loss`: a pre-hook on the loss's own autograd node (what
+        a tensor hook on it amounts to, with less bookkeeping); a tensor hook where the loss
+        has no node. Returns the handle."""
+        node = loss.grad_fn
+        if node is None:
+
+            def hook(grad: torch.Tensor) -> None:
+                if self._arrived(index):
+                    self.coeffs[index] = grad
+                    self._count()
+
+            return loss.register_hook(hook)
+        output = loss.output_nr
+
+        def prehook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+            grad = grad_outputs[output]
+            if grad is not None and self._arrived(index):
                 self.coeffs[index] = grad
                 self._count()
 
-        return hook
+        return node.register_prehook(prehook)
 
     def param_grad(self, k: int, grad: torch.Tensor) -> None:
         if not self._arrived(len(self.coeffs) + k):
@@ -178,8 +181,11 @@ class BackwardCapture:
 
     def remove(self, keep_tap: bool = False) -> None:
         # Called on the next observe(), never from inside a hook (the hook dict is being iterated).
-        for handle in self.handles:
-            handle.remove()
+        # Once done, the loss hooks ignore any later call and die with the step's graph: only
+        # a capture still waiting (no backward yet) must take its hooks off.
+        if not self.done:
+            for handle in self.handles:
+                handle.remove()
         self.tap.disarm(keep_tap)
 
 

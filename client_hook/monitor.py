@@ -233,18 +233,21 @@ class GradMonitor:
             self.sampler.settle(next_sampled=sampled)
         if not sampled:
             return
-        missing = [t for t in self.tasks if t not in losses]
-        if missing:
-            raise ValueError(f"observe() is missing the loss of task(s) {missing}")
-        if not all(losses[t].requires_grad for t in self.tasks):
-            self.warn(
-                "no_grad",
-                "gradwatch: observe() got losses without a graph (under "
-                "torch.no_grad()?); those steps are not measured",
-            )
-            return
         try:
-            self.sampler.measure(losses, weights, extras or {})
+            loss_list = [losses[t] for t in self.tasks]
+        except KeyError:
+            missing = [t for t in self.tasks if t not in losses]
+            raise ValueError(f"observe() is missing the loss of task(s) {missing}") from None
+        for loss in loss_list:
+            if not loss.requires_grad:
+                self.warn(
+                    "no_grad",
+                    "gradwatch: observe() got losses without a graph (under "
+                    "torch.no_grad()?); those steps are not measured",
+                )
+                return
+        try:
+            self.sampler.measure(loss_list, weights, extras)
         except Exception as exc:  # noqa: BLE001 - statistics must never break training
             self.warn(
                 "sample",

@@ -59,13 +59,12 @@ class SampledStep:
         self.ready: Any = None
         self.packed_fields = packed_fields
         self.host_fields = host_fields
-        device = parts[0].device
-        if device.type == "cpu":
+        if parts[0].is_cpu:
             # Fresh tensors nobody writes to again: nothing to copy; cat on the delivery thread.
             self.values: torch.Tensor | Sequence[torch.Tensor] = parts
             return
         packed = torch.cat([t.detach().reshape(-1) for t in parts])  # one op, one copy
-        if device.type == "cuda":
+        if packed.is_cuda:
             # Pinned buffer + non_blocking copy + event: the training thread does not wait; the
             # delivery thread synchronises on the event before reading (the only sync, there).
             self.values = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -129,6 +128,7 @@ class StepSampler:
         self.steps: list[SampledStep] = []
         self.pending: BackwardCapture | None = None
         self._derived: int | None = None  # task read from the user's backward, once verified
+        self._direct: list[int] = []  # the other tasks, measured with their own backward
         self._since_verify = 0
         self._initial: torch.Tensor | None = None
         self._flat_ok = (
@@ -154,13 +154,18 @@ class StepSampler:
 
     def _field(
         self,
-        values: Mapping[str, Any],
+        values: Mapping[str, Any] | None,
         default: float,
         device: torch.device,
     ) -> list[float] | torch.Tensor:
         """Python floats stay on the host (no op, no transfer); tensors are stacked on device."""
+        if not values:
+            return [default] * len(self.tasks)
         items = [values.get(t, default) for t in self.tasks]
-        if not any(isinstance(v, torch.Tensor) for v in items):
+        for v in items:
+            if isinstance(v, torch.Tensor):
+                break
+        else:
             return [float(v) for v in items]
         return torch.stack(
             [
@@ -216,20 +221,20 @@ class StepSampler:
 
     def measure(
         self,
-        losses: Mapping[str, torch.Tensor],
+        loss_list: Sequence[torch.Tensor],
         weights: Mapping[str, Any] | None,
-        extras: Mapping[str, Any],
+        extras: Mapping[str, Any] | None,
     ) -> None:
-        loss_list = [losses[t] for t in self.tasks]
+        """Measure a step whose losses (one per task, in task order) have a graph."""
         device = loss_list[0].device
-        fields: dict[str, Any] = {"weights": self._field(weights or {}, 1.0, device)}
+        fields: dict[str, Any] = {"weights": self._field(weights, 1.0, device)}
         if extras:
             self._extra_fields(extras, fields, device)
         flat = self._flat_grads()
         derived = self._derived
         if self.reuse_backward and derived is not None and self._since_verify < self.verify_every:
             self._since_verify += 1
-            direct = [loss for i, loss in enumerate(loss_list) if i != derived]
+            direct = [loss_list[i] for i in self._direct]
             context: FlatGrads | GramWithTotal
             sinks: Sequence[Callable[[torch.Tensor], Any]]
             if flat is not None:
@@ -381,6 +386,7 @@ class StepSampler:
             return
         task_norms = values[2:]
         self._derived = max(range(len(task_norms)), key=task_norms.__getitem__)
+        self._direct = [i for i in range(len(task_norms)) if i != self._derived]
 
     def _derive(self, capture: BackwardCapture, context: Any, fields: dict) -> None:
         if not self.reuse_backward:
