@@ -6,7 +6,7 @@ forward + backward + ``opt.step()``:
 
 - ``plain``: no monitor;
 - ``default``: GradMonitor with the default ``sample_every=50``;
-- ``every``: GradMonitor measuring every step (the batched path);
+- ``every``: GradMonitor measuring every step (``sample_every=1``);
 - ``naive``: the textbook diagnostic every step: one ``torch.autograd.grad`` per task, then
   ``torch.cat(grads).norm().item()`` per task (the seeds' ``total_norm``).
 
@@ -15,6 +15,9 @@ times a block of 50 consecutive steps per mode (so `default` pays for exactly on
 block, amortised honestly), and we report the median per-step time over repetitions, on two
 clocks: wall time, and the process's CPU time (every thread of it, so the monitor's delivery
 thread is counted too, but not the time other processes of a shared machine take the core).
+The repetitions are split over ``--rounds`` rounds, each with freshly built models, optimisers
+and monitors: two identical instances can differ by ~10% for the whole of their life (where
+their memory happens to lie), which one round would bake into every ratio.
 
     ratio(mode)    = median over repetitions of  time(mode) / time(plain)   (paired: same rep)
     overhead(mode) = median over repetitions of  time(mode) - time(plain)   (per step)
@@ -42,6 +45,7 @@ from client_hook import GradMonitor
 
 TASKS = ["rul", "health"]
 BLOCK = 50
+MODES = ("plain", "default", "every", "naive")
 
 
 class DualTask(nn.Module):
@@ -125,18 +129,21 @@ class Mode:
             self.monitor.close(timeout=5)
 
 
-def summarise(modes: list[Mode], clock: str) -> None:
+Series = dict[str, tuple[list[float], list[float]]]  # mode -> (wall, cpu) per-step times
+
+
+def summarise(series: Series, clock: str) -> None:
     """Print per-mode medians on one clock. Paired per repetition (same moment, same machine
     load), then the median over repetitions."""
-    times = {m.name: m.times if clock == "wall" else m.cpu_times for m in modes}
+    times = {name: wall if clock == "wall" else cpu for name, (wall, cpu) in series.items()}
     plain = times["plain"]
     print(f"  {clock} clock:")
     overhead = {}
-    for name, series in times.items():
-        ratio = statistics.median([t / p for t, p in zip(series, plain, strict=True)])
-        overhead[name] = statistics.median([t - p for t, p in zip(series, plain, strict=True)])
+    for name, values in times.items():
+        ratio = statistics.median([t / p for t, p in zip(values, plain, strict=True)])
+        overhead[name] = statistics.median([t - p for t, p in zip(values, plain, strict=True)])
         print(
-            f"    {name:8s} {statistics.median(series) * 1e3:9.3f} ms/step   "
+            f"    {name:8s} {statistics.median(values) * 1e3:9.3f} ms/step   "
             f"ratio {ratio:5.3f}x   overhead {overhead[name] * 1e3:8.3f} ms"
         )
     every, naive = overhead["every"], overhead["naive"]
@@ -147,9 +154,12 @@ def summarise(modes: list[Mode], clock: str) -> None:
     )
 
 
-def measure(label: str, widths: tuple[int, ...], reps: int, device: str, folder: Path) -> None:
-    modes = [Mode(n, widths, device, folder) for n in ("plain", "default", "every", "naive")]
-    for mode in modes:  # warm-up (allocator, vmap machinery, first sampled step)
+def run_round(
+    widths: tuple[int, ...], reps: int, device: str, folder: Path, series: Series
+) -> None:
+    """Fresh instances of every mode, one warm-up block each, then `reps` interleaved blocks."""
+    modes = [Mode(n, widths, device, folder) for n in MODES]
+    for mode in modes:  # warm-up (allocator, first sampled step, verification)
         mode.block(device)
         mode.times.clear()
         mode.cpu_times.clear()
@@ -159,10 +169,25 @@ def measure(label: str, widths: tuple[int, ...], reps: int, device: str, folder:
             mode.block(device)
     for mode in modes:
         mode.close()
-    print(f"\n{label}  ({reps} interleaved repetitions x {BLOCK} steps, {device})")
-    summarise(modes, "wall")
+        wall, cpu = series.setdefault(mode.name, ([], []))
+        wall += mode.times
+        cpu += mode.cpu_times
+
+
+def measure(
+    label: str, widths: tuple[int, ...], reps: int, rounds: int, device: str, folder: Path
+) -> None:
+    series: Series = {}
+    per_round = max(1, reps // rounds)
+    for _ in range(rounds):
+        run_round(widths, per_round, device, folder, series)
+    print(
+        f"\n{label}  ({rounds} round(s) x {per_round} interleaved repetitions x {BLOCK} steps, "
+        f"{device})"
+    )
+    summarise(series, "wall")
     if device == "cpu":  # on an accelerator the host's CPU time says nothing about the step
-        summarise(modes, "cpu")
+        summarise(series, "cpu")
 
 
 def main() -> None:
@@ -171,16 +196,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--model", choices=["both", "small", "wide"], default="both")
+    parser.add_argument("--rounds", type=int, default=None, help="fresh instances this often")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.model in ("both", "small"):
-            reps = args.reps or (5 if args.quick else 41)
-            measure("DualTaskMLP 17->32, heads 1+3", (32,), reps, args.device, folder)
+            reps = args.reps or (5 if args.quick else 120)
+            rounds = args.rounds or (1 if args.quick else 8)
+            measure("DualTaskMLP 17->32, heads 1+3", (32,), reps, rounds, args.device, folder)
         if args.model in ("both", "wide"):
             reps = args.reps or (3 if args.quick else 9)
-            measure("wide trunk 17->4x1024, heads 1+3", (1024,) * 4, reps, args.device, folder)
+            rounds = args.rounds or (1 if args.quick else 3)
+            label = "wide trunk 17->4x1024, heads 1+3"
+            measure(label, (1024,) * 4, reps, rounds, args.device, folder)
 
 
 if __name__ == "__main__":

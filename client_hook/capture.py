@@ -119,18 +119,39 @@ class BackwardCapture:
         self.handles = [self._hook_loss(i, loss) for i, loss in enumerate(losses)]
         tap.arm(self)
 
-    def _arrived(self, index: int) -> bool:
-        """Bookkeeping of one hook; False if the value is not ours to read."""
+    def arrive(self, index: int, grad: torch.Tensor) -> None:
+        """One hook's value, inside the user's backward: ``index < T`` is loss `index`'s
+        gradient, otherwise parameter ``index - T``'s. Ignored once this hook has fired (a
+        later backward through the same graph); completes the capture with the last one."""
         seen = self.seen
         if self.done or seen[index]:
-            return False  # a later backward through the same graph
+            return
         task = _GRAPH_TASK() if _GRAPH_TASK is not None else 0
         if self.graph_task is None:
             self.graph_task = task
         elif task != self.graph_task:
             self.mixed = True
         seen[index] = True
-        return True
+        num_losses = len(self.coeffs)
+        if index < num_losses:
+            self.coeffs[index] = grad
+        elif self.sinks is None:
+            self.grads[index - num_losses] = grad
+        else:
+            try:
+                if torch.is_grad_enabled():  # only under backward(create_graph=True)
+                    with torch.no_grad():
+                        self.sinks[index - num_losses](grad)
+                else:
+                    self.sinks[index - num_losses](grad)
+            except Exception as exc:  # noqa: BLE001 - inside the user's backward: never raise
+                self.on_error(exc)
+        self.missing -= 1
+        if self.missing == 0:
+            self.done = True
+            if not self.mixed:
+                self.on_complete(self)  # inside the user's backward; must never raise
+            self.losses = None
 
     def _hook_loss(self, index: int, loss: torch.Tensor) -> Any:
         """Read the gradient reaching `loss`: a pre-hook on the loss's own autograd node (what
@@ -138,46 +159,15 @@ class BackwardCapture:
         has no node. Returns the handle."""
         node = loss.grad_fn
         if node is None:
-
-            def hook(grad: torch.Tensor) -> None:
-                if self._arrived(index):
-                    self.coeffs[index] = grad
-                    self._count()
-
-            return loss.register_hook(hook)
+            return loss.register_hook(partial(self.arrive, index))
         output = loss.output_nr
 
         def prehook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
             grad = grad_outputs[output]
-            if grad is not None and self._arrived(index):
-                self.coeffs[index] = grad
-                self._count()
+            if grad is not None:
+                self.arrive(index, grad)
 
         return node.register_prehook(prehook)
-
-    def param_grad(self, k: int, grad: torch.Tensor) -> None:
-        if not self._arrived(len(self.coeffs) + k):
-            return
-        if self.sinks is None:
-            self.grads[k] = grad
-        else:
-            try:
-                if torch.is_grad_enabled():  # only under backward(create_graph=True)
-                    with torch.no_grad():
-                        self.sinks[k](grad)
-                else:
-                    self.sinks[k](grad)
-            except Exception as exc:  # noqa: BLE001 - inside the user's backward: never raise
-                self.on_error(exc)
-        self._count()
-
-    def _count(self) -> None:
-        self.missing -= 1
-        if self.missing == 0:
-            self.done = True
-            if not self.mixed:
-                self.on_complete(self)  # inside the user's backward; must never raise
-            self.losses = None
 
     def remove(self, keep_tap: bool = False) -> None:
         # Called on the next observe(), never from inside a hook (the hook dict is being iterated).
@@ -211,7 +201,7 @@ class ParamTap:
         def hook(grad: torch.Tensor) -> None:
             capture = self.capture
             if capture is not None:
-                capture.param_grad(k, grad)
+                capture.arrive(len(capture.coeffs) + k, grad)
 
         return hook
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -192,7 +193,7 @@ class StepSampler:
 
     def _task_grads(self, losses: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """Per parameter, ``[len(losses), *shape]``: all given tasks' gradients."""
-        if self._batched_ok(len(losses)):
+        if len(losses) > 1 and self._batched_ok(len(losses)):
             try:
                 return stats.batched_task_grads(torch.stack(list(losses)), self.params)
             except RuntimeError as exc:
@@ -202,7 +203,7 @@ class StepSampler:
     def _write_task_grads(self, losses: Sequence[torch.Tensor], flat: FlatGrads) -> bool:
         """The given tasks' gradients into rows 0..len(losses)-1 of `flat`; False if none of
         them reaches any shared parameter."""
-        if self._batched_ok(len(losses)):
+        if len(losses) > 1 and self._batched_ok(len(losses)):
             try:
                 grads = stats.batched_task_grads(torch.stack(list(losses)), self.params)
             except RuntimeError as exc:
@@ -216,7 +217,8 @@ class StepSampler:
         for row, loss in enumerate(losses):
             row_grads = stats.task_grad(loss, self._inputs, self._plain_params)
             flat.write(row, row_grads)
-            reached = reached or any(g is not None for g in row_grads)
+            if not reached:
+                reached = any(g is not None for g in row_grads)
         return reached
 
     def measure(
@@ -247,7 +249,7 @@ class StepSampler:
             self.pending = BackwardCapture(
                 loss_list,
                 self._tap,
-                lambda c: self._guarded(self._derive, c, context, fields),
+                partial(self._guarded, self._derive, context, fields),
                 sinks,
                 self._hook_failed,
             )
@@ -273,7 +275,7 @@ class StepSampler:
             self.pending = BackwardCapture(
                 loss_list,
                 self._tap,
-                lambda c: self._guarded(self._verify_flat, c, flat, gram),
+                partial(self._guarded, self._verify_flat, flat, gram),
                 flat.sinks[len(loss_list)],
                 self._hook_failed,
             )
@@ -281,7 +283,7 @@ class StepSampler:
             self.pending = BackwardCapture(
                 loss_list,
                 self._tap,
-                lambda c: self._guarded(self._verify, c, grads, gram),
+                partial(self._guarded, self._verify, grads, gram),
                 None,
                 self._hook_failed,
             )
@@ -346,7 +348,7 @@ class StepSampler:
         except Exception as exc:  # noqa: BLE001 - runs inside the user's backward: never raise
             self._hook_failed(exc)
 
-    def _verify(self, capture: BackwardCapture, grads: list, gram: torch.Tensor) -> None:
+    def _verify(self, grads: list, gram: torch.Tensor, capture: BackwardCapture) -> None:
         coeffs = _scalars(capture.coeffs).to(gram.dtype)
         residuals, totals = [], []
         for total, per_task in zip(capture.grads, grads, strict=True):
@@ -366,7 +368,7 @@ class StepSampler:
         ).to(gram.dtype)
         self._accept(coeffs, gram, norms)
 
-    def _verify_flat(self, capture: BackwardCapture, flat: FlatGrads, gram: torch.Tensor) -> None:
+    def _verify_flat(self, flat: FlatGrads, gram: torch.Tensor, capture: BackwardCapture) -> None:
         num = len(self.tasks)
         coeffs = _scalars(capture.coeffs).to(flat.buffer.dtype)
         total = flat.buffer[num]
@@ -388,7 +390,7 @@ class StepSampler:
         self._derived = max(range(len(task_norms)), key=task_norms.__getitem__)
         self._direct = [i for i in range(len(task_norms)) if i != self._derived]
 
-    def _derive(self, capture: BackwardCapture, context: Any, fields: dict) -> None:
+    def _derive(self, context: Any, fields: dict, capture: BackwardCapture) -> None:
         if not self.reuse_backward:
             return  # a hook failed earlier in this backward
         assert capture.losses is not None
