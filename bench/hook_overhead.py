@@ -27,6 +27,7 @@ their memory happens to lie), which one round would bake into every ratio.
 The monitors write a local run file into a temporary folder: no network in the timings.
 
     .venv/bin/python bench/hook_overhead.py [--quick] [--device cpu|cuda] [--model small|wide]
+        [--reps N] [--rounds N]
 """
 
 from __future__ import annotations

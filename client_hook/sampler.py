@@ -178,9 +178,11 @@ class StepSampler:
         )
 
     def _batched_ok(self, count: int) -> bool:
+        if count < 2:  # one task: nothing to vectorise (the steady state with two tasks)
+            return False
         if self.batched is None:  # auto: vectorise where it saves time (see `GradMonitor`)
-            return count > 1 and self._inputs[0].device.type != "cpu"
-        return self.batched and count > 1
+            return self._inputs[0].device.type != "cpu"
+        return self.batched
 
     def _batched_failed(self, exc: RuntimeError) -> None:
         self.batched = False
@@ -193,7 +195,7 @@ class StepSampler:
 
     def _task_grads(self, losses: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """Per parameter, ``[len(losses), *shape]``: all given tasks' gradients."""
-        if len(losses) > 1 and self._batched_ok(len(losses)):
+        if self._batched_ok(len(losses)):
             try:
                 return stats.batched_task_grads(torch.stack(list(losses)), self.params)
             except RuntimeError as exc:
@@ -203,7 +205,7 @@ class StepSampler:
     def _write_task_grads(self, losses: Sequence[torch.Tensor], flat: FlatGrads) -> bool:
         """The given tasks' gradients into rows 0..len(losses)-1 of `flat`; False if none of
         them reaches any shared parameter."""
-        if len(losses) > 1 and self._batched_ok(len(losses)):
+        if self._batched_ok(len(losses)):
             try:
                 grads = stats.batched_task_grads(torch.stack(list(losses)), self.params)
             except RuntimeError as exc:
