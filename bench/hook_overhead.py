@@ -10,9 +10,14 @@ forward + backward + ``opt.step()``:
 - ``naive``: the textbook diagnostic every step: one ``torch.autograd.grad`` per task, then
   ``torch.cat(grads).norm().item()`` per task (the seeds' ``total_norm``).
 
-Modes are interleaved (round-robin, order rotated each repetition) in ONE process. A repetition
-times a block of 50 consecutive steps per mode (so `default` pays for exactly one sampled step per
-block, amortised honestly), and we report the median per-step time over repetitions, on two
+Modes are interleaved (round-robin, order rotated each repetition) in ONE process. An epoch is
+50 steps (so `default` measures exactly one step per epoch, amortised honestly) and ends with
+``end_epoch()``. A repetition runs, per mode, one untimed epoch (warm-up after the other modes),
+then a timed *stretch* of consecutive epochs lasting about ``--stretch`` seconds (0.5 s: several
+of the delivery thread's 0.25 s polls), ended by a ``flush()``. The record of each epoch is
+built on the delivery thread while training goes on, holding the GIL meanwhile, exactly as in
+a run: the stretch pays for its own epochs' records, and no mode's records are built during
+another mode's stretch. We report the median per-step time over repetitions, on two
 clocks: wall time, and the process's CPU time (every thread of it, so the monitor's delivery
 thread is counted too, but not the time other processes of a shared machine take the core).
 The repetitions are split over ``--rounds`` rounds, each with freshly built models, optimisers
@@ -27,12 +32,13 @@ their memory happens to lie), which one round would bake into every ratio.
 The monitors write a local run file into a temporary folder: no network in the timings.
 
     .venv/bin/python bench/hook_overhead.py [--quick] [--device cpu|cuda] [--model small|wide]
-        [--reps N] [--rounds N]
+        [--reps N] [--rounds N] [--stretch SECONDS]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -113,17 +119,30 @@ class Mode:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def block(self, device: str) -> None:
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
+    def epoch(self) -> None:
         for _ in range(BLOCK):
             self.step()
-        sync()
-        self.times.append((time.perf_counter() - start) / BLOCK)
-        self.cpu_times.append((time.process_time() - cpu_start) / BLOCK)
         if self.monitor is not None:
-            self.monitor.end_epoch()  # outside the timed region; the next block starts an epoch
+            self.monitor.end_epoch()
+
+    def flush(self) -> None:
+        if self.monitor is not None:
+            self.monitor.flush()
+
+    def stretch(self, epochs: int, device: str) -> None:
+        """One untimed epoch and flush (warm-up after the other modes ran), then `epochs` timed
+        epochs and a flush."""
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.epoch()
+        self.flush()
+        sync()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(epochs):
+            self.epoch()
+        self.flush()
+        sync()
+        self.times.append((time.perf_counter() - start) / (epochs * BLOCK))
+        self.cpu_times.append((time.process_time() - cpu_start) / (epochs * BLOCK))
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -156,35 +175,46 @@ def summarise(series: Series, clock: str) -> None:
 
 
 def run_round(
-    widths: tuple[int, ...], reps: int, device: str, folder: Path, series: Series
-) -> None:
-    """Fresh instances of every mode, one warm-up block each, then `reps` interleaved blocks."""
+    widths: tuple[int, ...], reps: int, stretch_s: float, device: str, folder: Path, series: Series
+) -> int:
+    """Fresh instances of every mode, warmed up, then `reps` interleaved stretches. Returns the
+    epochs per stretch (from the plain mode's warm-up epochs)."""
     modes = [Mode(n, widths, device, folder) for n in MODES]
     for mode in modes:  # warm-up (allocator, first sampled step, verification)
-        mode.block(device)
+        mode.stretch(2, device)
+    epochs = max(1, math.ceil(stretch_s / (modes[0].times[-1] * BLOCK)))
+    for mode in modes:
         mode.times.clear()
         mode.cpu_times.clear()
     for rep in range(reps):
         shift = rep % len(modes)
         for mode in modes[shift:] + modes[:shift]:
-            mode.block(device)
+            mode.stretch(epochs, device)
     for mode in modes:
         mode.close()
         wall, cpu = series.setdefault(mode.name, ([], []))
         wall += mode.times
         cpu += mode.cpu_times
+    return epochs
 
 
 def measure(
-    label: str, widths: tuple[int, ...], reps: int, rounds: int, device: str, folder: Path
+    label: str,
+    widths: tuple[int, ...],
+    reps: int,
+    rounds: int,
+    stretch_s: float,
+    device: str,
+    folder: Path,
 ) -> None:
     series: Series = {}
     per_round = max(1, reps // rounds)
-    for _ in range(rounds):
-        run_round(widths, per_round, device, folder, series)
+    epochs = [
+        run_round(widths, per_round, stretch_s, device, folder, series) for _ in range(rounds)
+    ]
     print(
-        f"\n{label}  ({rounds} round(s) x {per_round} interleaved repetitions x {BLOCK} steps, "
-        f"{device})"
+        f"\n{label}  ({rounds} round(s) x {per_round} interleaved stretches of "
+        f"{min(epochs)}-{max(epochs)} epochs x {BLOCK} steps, {device})"
     )
     summarise(series, "wall")
     if device == "cpu":  # on an accelerator the host's CPU time says nothing about the step
@@ -198,19 +228,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--model", choices=["both", "small", "wide"], default="both")
     parser.add_argument("--rounds", type=int, default=None, help="fresh instances this often")
+    parser.add_argument("--stretch", type=float, default=0.5, help="seconds per timed stretch")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.model in ("both", "small"):
-            reps = args.reps or (5 if args.quick else 120)
-            rounds = args.rounds or (1 if args.quick else 8)
-            measure("DualTaskMLP 17->32, heads 1+3", (32,), reps, rounds, args.device, folder)
+            reps = args.reps or (2 if args.quick else 24)
+            rounds = args.rounds or (1 if args.quick else 6)
+            label = "DualTaskMLP 17->32, heads 1+3"
+            measure(label, (32,), reps, rounds, args.stretch, args.device, folder)
         if args.model in ("both", "wide"):
-            reps = args.reps or (3 if args.quick else 9)
+            reps = args.reps or (2 if args.quick else 9)
             rounds = args.rounds or (1 if args.quick else 3)
             label = "wide trunk 17->4x1024, heads 1+3"
-            measure(label, (1024,) * 4, reps, rounds, args.device, folder)
+            measure(label, (1024,) * 4, reps, rounds, args.stretch, args.device, folder)
 
 
 if __name__ == "__main__":

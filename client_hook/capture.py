@@ -24,6 +24,9 @@ import torch
 _HALF = (torch.float16, torch.bfloat16)
 _GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
 _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
+# Inside a hook: will the running backward execute this node? (torch >= 2.0; what
+# `torch.autograd.graph.register_multi_grad_hook` asks.) Without it the losses are always hooked.
+WILL_EXECUTE = getattr(torch._C, "_will_engine_execute_node", None)
 
 
 def _copy_all(dst: list[torch.Tensor], src: Sequence[torch.Tensor | None]) -> None:
@@ -84,16 +87,24 @@ class FlatGrads:
 
 
 class BackwardCapture:
-    """Reads ``c_i`` (hooks on the losses) and the shared parameters' gradients (a `ParamTap`)
-    from the next backward pass.
+    """Reads ``c_i = d root / d L_i`` (hooks on the losses) and the shared parameters'
+    gradients (a `ParamTap`) from the next backward pass.
 
     Each parameter's gradient goes to ``sinks[k]`` as it arrives and is not kept (so autograd can
     still move it into ``.grad`` without a copy); with no sinks it is stored in `grads`. A sink
     that raises calls `on_error` (never raise inside the user's backward).
+
+    `known_coeffs`: the ``c_i`` are already known (the step's own weights, which a verification
+    step found equal to the ``c_i`` it read): the losses are then not hooked and `coeffs` is this
+    list as given (the weights' tensors, or empty when they are Python floats kept on the host).
+    The parameter hooks then ask the engine whether their backward runs through every loss's
+    node (`WILL_EXECUTE`; the losses must have one) and skip a pass that does not (a
+    balancer's ``autograd.grad`` between ``observe()`` and the step's backward, or a backward
+    of other losses): the step's own backward is still read, whole.
     """
 
     __slots__ = ("losses", "coeffs", "grads", "seen", "missing", "done", "mixed", "graph_task",
-                 "on_complete", "sinks", "on_error", "tap", "handles")  # fmt: skip
+                 "on_complete", "sinks", "on_error", "tap", "handles", "base")  # fmt: skip
 
     def __init__(
         self,
@@ -102,13 +113,11 @@ class BackwardCapture:
         on_complete: Callable[[BackwardCapture], None],
         sinks: Sequence[Callable[[torch.Tensor], Any]] | None,
         on_error: Callable[[Exception], None],
+        known_coeffs: list[torch.Tensor] | None = None,
     ) -> None:
         num_params = len(tap.params)
         self.losses: Sequence[torch.Tensor] | None = losses
-        self.coeffs: list[torch.Tensor | None] = [None] * len(losses)
         self.grads: list[torch.Tensor | None] = [None] * num_params
-        self.seen = [False] * (len(losses) + num_params)
-        self.missing = len(self.seen)
         self.done = False
         self.mixed = False  # hooks fired in more than one backward pass (e.g. a balancer's)
         self.graph_task: int | None = None
@@ -116,34 +125,44 @@ class BackwardCapture:
         self.sinks = sinks
         self.on_error = on_error
         self.tap = tap
-        self.handles = [self._hook_loss(i, loss) for i, loss in enumerate(losses)]
+        self.coeffs: list[torch.Tensor | None]
+        if known_coeffs is None:
+            self.base = len(losses)  # hook index of the first parameter
+            self.coeffs = [None] * self.base
+            self.handles = [self._hook_loss(i, loss) for i, loss in enumerate(losses)]
+        else:
+            self.base, self.coeffs, self.handles = 0, list(known_coeffs), []
+        self.seen = [False] * (self.base + num_params)
+        self.missing = len(self.seen)
         tap.arm(self)
 
     def arrive(self, index: int, grad: torch.Tensor) -> None:
-        """One hook's value, inside the user's backward: ``index < T`` is loss `index`'s
-        gradient, otherwise parameter ``index - T``'s. Ignored once this hook has fired (a
+        """One hook's value, inside the user's backward: ``index < base`` is loss `index`'s
+        gradient, otherwise parameter ``index - base``'s. Ignored once this hook has fired (a
         later backward through the same graph); completes the capture with the last one."""
         seen = self.seen
         if self.done or seen[index]:
             return
         task = _GRAPH_TASK() if _GRAPH_TASK is not None else 0
         if self.graph_task is None:
+            if not self.base and not self._through_losses():
+                return  # not the step's backward (e.g. a balancer's autograd.grad): skip it
             self.graph_task = task
         elif task != self.graph_task:
             self.mixed = True
         seen[index] = True
-        num_losses = len(self.coeffs)
-        if index < num_losses:
+        k = index - self.base
+        if k < 0:
             self.coeffs[index] = grad
         elif self.sinks is None:
-            self.grads[index - num_losses] = grad
+            self.grads[k] = grad
         else:
             try:
                 if torch.is_grad_enabled():  # only under backward(create_graph=True)
                     with torch.no_grad():
-                        self.sinks[index - num_losses](grad)
+                        self.sinks[k](grad)
                 else:
-                    self.sinks[index - num_losses](grad)
+                    self.sinks[k](grad)
             except Exception as exc:  # noqa: BLE001 - inside the user's backward: never raise
                 self.on_error(exc)
         self.missing -= 1
@@ -152,6 +171,14 @@ class BackwardCapture:
             if not self.mixed:
                 self.on_complete(self)  # inside the user's backward; must never raise
             self.losses = None
+
+    def _through_losses(self) -> bool:
+        """The running backward goes through every observed loss (called inside a hook)."""
+        assert self.losses is not None and WILL_EXECUTE is not None
+        try:
+            return all(WILL_EXECUTE(loss.grad_fn) for loss in self.losses)
+        except (RuntimeError, TypeError):
+            return False
 
     def _hook_loss(self, index: int, loss: torch.Tensor) -> Any:
         """Read the gradient reaching `loss`: a pre-hook on the loss's own autograd node (what
@@ -201,7 +228,7 @@ class ParamTap:
         def hook(grad: torch.Tensor) -> None:
             capture = self.capture
             if capture is not None:
-                capture.arrive(len(capture.coeffs) + k, grad)
+                capture.arrive(capture.base + k, grad)
 
         return hook
 

@@ -280,6 +280,15 @@ class GradMonitor:
             self._worker.submit(item)
         return index
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every ended epoch has been handed on by the delivery thread: written to
+        the local run file, or spooled to disk for sending (the HTTP requests themselves go on
+        in the background). Waits at most `timeout` seconds (default `flush_timeout`); returns
+        True if nothing is left waiting. Never raises; training does not need to call it."""
+        if self._worker is None:
+            return True
+        return self._worker.wait_idle(self.flush_timeout if timeout is None else timeout)
+
     def close(
         self, status: str | None = None, timeout: float | None = None
     ) -> DeliveryReport | None:

@@ -13,7 +13,11 @@ Two strategies give the same numbers (tests check both against plain ``torch.aut
   T-1 extra backward passes instead of T. ``d`` is the task with the largest ``|c_i| ||g_i||``
   (no cancellation). It is used only after a *verification* step (the first sampled step, then
   every `verify_every`-th, default 64) measured every task directly and found
-  ``||g - sum_i c_i g_i|| <= 1e-3 ||g||``. A loss with terms that reach the shared parameters
+  ``||g - sum_i c_i g_i|| <= 1e-3 ||g||``. If that step also found ``c_i = w_i`` (the weights
+  given to ``observe``, to 1e-6), later steps given weights take ``c_i`` from them and hook no
+  loss (two Python hooks fewer per step, and a pass that does not run through the observed
+  losses, e.g. a balancer's ``autograd.grad``, is recognised by asking the engine and skipped).
+  A loss with terms that reach the shared parameters
   some other way (a weight penalty, an unreported auxiliary loss), a backward that does not match
   the observed losses, or any error switches to the direct strategy for good, with one warning.
 
@@ -37,9 +41,11 @@ from typing import Any
 import torch
 
 from client_hook import stats
-from client_hook.capture import BackwardCapture, FlatGrads, GramWithTotal, ParamTap
+from client_hook.capture import WILL_EXECUTE, BackwardCapture, FlatGrads, GramWithTotal, ParamTap
 
 RESIDUAL_TOLERANCE = 1e-3
+# |c_i - w_i| <= COEFF_TOLERANCE |w_i| for every task: the weights are the coefficients
+COEFF_TOLERANCE = 1e-6
 # Shared elements per task row (4 MiB in float32) up to which the flat buffer is used. Read when
 # a StepSampler is built (so a test can patch it here, before creating the monitor).
 FLAT_MAX_NUMEL = 1 << 20
@@ -131,6 +137,9 @@ class StepSampler:
         self._derived: int | None = None  # task read from the user's backward, once verified
         self._direct: list[int] = []  # the other tasks, measured with their own backward
         self._since_verify = 0
+        # the last verification found c_i = w_i: steady steps then take c_i from the weights
+        # instead of hooking the losses
+        self._coeffs_are_weights = False
         self._initial: torch.Tensor | None = None
         self._flat_ok = (
             sum(p.numel() for p in self.params) <= FLAT_MAX_NUMEL
@@ -238,6 +247,7 @@ class StepSampler:
         derived = self._derived
         if self.reuse_backward and derived is not None and self._since_verify < self.verify_every:
             self._since_verify += 1
+            known = self._known_coeffs(fields, bool(weights), loss_list)
             direct = [loss_list[i] for i in self._direct]
             context: FlatGrads | GramWithTotal
             sinks: Sequence[Callable[[torch.Tensor], Any]]
@@ -254,9 +264,12 @@ class StepSampler:
                 partial(self._guarded, self._derive, context, fields),
                 sinks,
                 self._hook_failed,
+                known,
             )
             return
         # Every task directly: the exact numbers, and the reference of a verification step.
+        # the weights, if given, to compare with the c_i (_record takes tensors out of `fields`)
+        weights_field = fields["weights"] if weights else None
         detached = _scalars([loss.detach() for loss in loss_list])
         if self._initial is None:
             given = torch.tensor([self.initial_losses.get(t, math.nan) for t in self.tasks])
@@ -277,7 +290,7 @@ class StepSampler:
             self.pending = BackwardCapture(
                 loss_list,
                 self._tap,
-                partial(self._guarded, self._verify_flat, flat, gram),
+                partial(self._guarded, self._verify_flat, flat, gram, weights_field),
                 flat.sinks[len(loss_list)],
                 self._hook_failed,
             )
@@ -285,10 +298,27 @@ class StepSampler:
             self.pending = BackwardCapture(
                 loss_list,
                 self._tap,
-                partial(self._guarded, self._verify, grads, gram),
+                partial(self._guarded, self._verify, grads, gram, weights_field),
                 None,
                 self._hook_failed,
             )
+
+    def _known_coeffs(
+        self, fields: dict[str, Any], given: bool, losses: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        """The ``c_i`` of a steady step when the weights (`given` to this step) are known to be
+        them: [] for Python floats (kept on the host as ``fields["coeffs"]``), the weights'
+        values for a tensor; None: hook the losses to read them."""
+        if not (given and self._coeffs_are_weights) or WILL_EXECUTE is None:
+            return None
+        for loss in losses:
+            if loss.grad_fn is None:  # a leaf: no node to ask the engine about
+                return None
+        weights = fields["weights"]
+        if isinstance(weights, list):
+            fields["coeffs"] = weights
+            return []
+        return list(weights.unbind())
 
     def _extra_fields(self, extras: Mapping[str, Any], fields: dict, device: torch.device) -> None:
         if "task_weight" in extras:
@@ -350,7 +380,9 @@ class StepSampler:
         except Exception as exc:  # noqa: BLE001 - runs inside the user's backward: never raise
             self._hook_failed(exc)
 
-    def _verify(self, grads: list, gram: torch.Tensor, capture: BackwardCapture) -> None:
+    def _verify(
+        self, grads: list, gram: torch.Tensor, weights: Any, capture: BackwardCapture
+    ) -> None:
         coeffs = _scalars(capture.coeffs).to(gram.dtype)
         residuals, totals = [], []
         for total, per_task in zip(capture.grads, grads, strict=True):
@@ -368,27 +400,42 @@ class StepSampler:
                 torch.linalg.vector_norm(torch.stack(totals)),
             ]
         ).to(gram.dtype)
-        self._accept(coeffs, gram, norms)
+        self._accept(coeffs, gram, norms, weights)
 
-    def _verify_flat(self, flat: FlatGrads, gram: torch.Tensor, capture: BackwardCapture) -> None:
+    def _verify_flat(
+        self, flat: FlatGrads, gram: torch.Tensor, weights: Any, capture: BackwardCapture
+    ) -> None:
         num = len(self.tasks)
         coeffs = _scalars(capture.coeffs).to(flat.buffer.dtype)
         total = flat.buffer[num]
         residual = total - coeffs @ flat.tops[num]
         norms = torch.linalg.vector_norm(torch.stack([residual, total]), dim=1).to(gram.dtype)
-        self._accept(coeffs.to(gram.dtype), gram, norms)
+        self._accept(coeffs.to(gram.dtype), gram, norms, weights)
 
-    def _accept(self, coeffs: torch.Tensor, gram: torch.Tensor, norms: torch.Tensor) -> None:
-        """Reuse the backward if the residual is small; derive the task with most ``|c_i| G_i``."""
+    def _accept(
+        self, coeffs: torch.Tensor, gram: torch.Tensor, norms: torch.Tensor, weights: Any
+    ) -> None:
+        """Reuse the backward if the residual is small; derive the task with most ``|c_i| G_i``;
+        note whether the step's weights are its ``c_i`` (`weights`: floats or a tensor)."""
+        num = len(self.tasks)
         weighted = coeffs.abs() * gram.diagonal().clamp_min(0).sqrt()
-        values = torch.cat([norms, weighted]).tolist()  # the one host read of a verification step
+        parts = [norms, weighted, coeffs]
+        if isinstance(weights, torch.Tensor):  # None: not given (1 is a default, not a claim)
+            parts.append(weights.to(coeffs.dtype))
+        values = torch.cat(parts).tolist()  # the one host read of a verification step
+        read = values[2 + num : 2 + 2 * num]
+        given = values[2 + 2 * num :] if isinstance(weights, torch.Tensor) else weights
+        self._coeffs_are_weights = given is not None and all(
+            math.isfinite(c) and abs(c - w) <= COEFF_TOLERANCE * abs(w)
+            for c, w in zip(read, given, strict=True)
+        )
         if not values[0] <= RESIDUAL_TOLERANCE * values[1]:
             self._give_up(
                 "the step's backward() is not sum_i c_i L_i of the observed losses on "
                 "the shared parameters (e.g. a penalty or an unreported loss)"
             )
             return
-        task_norms = values[2:]
+        task_norms = values[2 : 2 + num]
         self._derived = max(range(len(task_norms)), key=task_norms.__getitem__)
         self._direct = [i for i in range(len(task_norms)) if i != self._derived]
 

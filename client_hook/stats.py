@@ -190,14 +190,19 @@ def _sqrt(x: float) -> float:
 
 
 def derived_gram(
-    values: Sequence[float], num: int, derived: int, has_direct: Sequence[bool] | None
+    values: Sequence[float],
+    num: int,
+    derived: int,
+    has_direct: Sequence[bool] | None,
+    coeffs: Sequence[float] | None = None,
 ) -> tuple[list[float], int]:
     """The T x T Gram matrix of a step whose task `derived` was read from the user's backward.
 
     Input: ``M M^T`` with ``M = [a; g]`` (the D = T-1 direct task gradients, then the combined
     one), either whole (row-major, `has_direct` None) or per parameter: ``g.g`` then (if any
     direct task reaches it, per `has_direct`) ``a a^T`` and ``a g``; then the T coefficients
-    ``c``. With ``A = [[I, 0], [-c_D / c_d, 1 / c_d]]`` the task gradients are ``A M``, so
+    ``c``, unless `coeffs` gives them (the step's weights, kept on the host). With
+    ``A = [[I, 0], [-c_D / c_d, 1 / c_d]]`` the task gradients are ``A M``, so
     ``K = A (M M^T) A^T``; rows are then put back in task order. Returns (K row-major, next pos).
     """
     d = num - 1
@@ -219,8 +224,10 @@ def derived_gram(
                 k_m[i][d] += values[pos + i]
                 k_m[d][i] += values[pos + i]
             pos += d
-    coeffs = list(values[pos : pos + num])
-    pos += num
+    if coeffs is None:  # packed after the blocks (read from the backward, or tensor weights)
+        coeffs = values[pos : pos + num]
+        pos += num
+    coeffs = list(coeffs)
     c_direct = coeffs[:derived] + coeffs[derived + 1 :]
     inv = _div(1.0, coeffs[derived])
     a_last = [-c * inv for c in c_direct] + [inv]  # the last row of A
@@ -260,7 +267,8 @@ def step_stats(
     num = len(tasks)
     fields: dict[str, Any] = dict(host_fields or {})
     if "derived" in fields:
-        gram, pos = derived_gram(values, num, *fields["derived"])
+        derived, has_direct = fields["derived"]
+        gram, pos = derived_gram(values, num, derived, has_direct, fields.get("coeffs"))
     else:
         gram, pos = list(values[: num * num]), num * num
     losses = values[pos : pos + num]

@@ -44,9 +44,12 @@ def stored_records(server_url: str, run_id: str) -> list[dict]:
     return records
 
 
-def monitored_training(url: str, spool: Path, epochs: int, after_epoch=None, **kwargs):
-    """Train DualTaskMLP into a monitor; return (monitor, expected records)."""
-    made: list[GradMonitor] = []
+def monitored_training(
+    url: str, spool: Path, epochs: int, after_epoch=None, made: list | None = None, **kwargs
+):
+    """Train DualTaskMLP into a monitor; return (monitor, expected records). `made` receives
+    the monitor as soon as it exists (for an `after_epoch` hook)."""
+    made = [] if made is None else made
 
     def factory(model):
         made.append(
@@ -85,17 +88,27 @@ def test_every_stored_number_matches_independent_autograd(live_server, tmp_path)
     assert not (tmp_path / "spool" / monitor.run_id).exists()
 
 
+def wait_for_failed_delivery(monitor: GradMonitor) -> None:
+    """Until a delivery attempt has met the absent server (warned once per monitor)."""
+    deadline = time.monotonic() + 10
+    while not any("cannot deliver" in m for m in monitor.warn.messages):
+        assert time.monotonic() < deadline, "no failed delivery attempt within 10 s"
+        time.sleep(0.02)
+
+
 def test_server_started_mid_run_receives_every_epoch_once(tmp_path):
     server = ServerProcess(f"sqlite:///{tmp_path / 'late.db'}")
+    made: list[GradMonitor] = []
 
     def start_late(epoch: int) -> None:
         if epoch == 2:
+            wait_for_failed_delivery(made[0])
             server.start()
 
     try:
         with pytest.warns(GradwatchWarning, match="cannot deliver"):
             monitor, expected = monitored_training(
-                server.url, tmp_path / "spool", epochs=5, after_epoch=start_late
+                server.url, tmp_path / "spool", epochs=5, after_epoch=start_late, made=made
             )
         assert monitor.close(timeout=30).complete
         assert_stored_once(server.url, monitor.run_id, 5)
@@ -108,17 +121,20 @@ def test_server_started_mid_run_receives_every_epoch_once(tmp_path):
 def test_server_sigkilled_and_restarted_loses_and_duplicates_nothing(tmp_path):
     server = ServerProcess(f"sqlite:///{tmp_path / 'killed.db'}").start()
 
+    made: list[GradMonitor] = []
+
     def chaos(epoch: int) -> None:
         if epoch == 1:
             time.sleep(1.0)  # let epochs 0-1 arrive, then crash the server
             server.kill()
         if epoch == 3:
+            wait_for_failed_delivery(made[0])
             server.start()
 
     try:
         with pytest.warns(GradwatchWarning, match="cannot deliver"):
             monitor, expected = monitored_training(
-                server.url, tmp_path / "spool", epochs=6, after_epoch=chaos
+                server.url, tmp_path / "spool", epochs=6, after_epoch=chaos, made=made
             )
         assert monitor.close(timeout=30).complete
         assert_stored_once(server.url, monitor.run_id, 6)

@@ -405,26 +405,113 @@ def test_three_tasks_read_from_the_backward_match_autograd(tmp_path):
         assert math.isclose(pair["value"], want, rel_tol=1e-4, abs_tol=1e-5)
 
 
-def test_extra_backward_between_observe_and_step_is_detected(tmp_path):
-    """A balancer-like autograd.grad after observe(): that step is not derived from mixed data."""
+def _steps_with_foreign_backward(tmp_path: Path, root_scale: float) -> tuple[GradMonitor, list]:
+    """Four sampled steps; on step 1 a balancer-like autograd.grad runs after observe()."""
     torch.manual_seed(0)
     model = DualTaskMLP()
     monitor = _monitor(tmp_path, model, sample_every=1)
     params = list(model.shared.parameters())
     gen = torch.Generator().manual_seed(0)
     refs = []
+    for step in range(4):
+        losses = task_losses(model, make_batch(gen))
+        refs.append(reference_step(losses, params, {"rul": 0.5, "health": 0.5}))
+        monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
+        if step == 1:
+            torch.autograd.grad(losses["rul"], params, retain_graph=True)
+        (root_scale * (0.5 * losses["rul"] + 0.5 * losses["health"])).backward()
+    monitor.close()
+    return monitor, refs
+
+
+def test_extra_backward_between_observe_and_step_is_detected(tmp_path):
+    """Coefficients read by hooks on the losses (here the backward is 3x the weighted sum): a
+    balancer-like autograd.grad after observe() mixes passes; that step is dropped, not
+    mis-measured."""
     with pytest.warns(GradwatchWarning, match="another backward pass"):
-        for step in range(4):
-            losses = task_losses(model, make_batch(gen))
-            refs.append(reference_step(losses, params, {"rul": 0.5, "health": 0.5}))
-            monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
-            if step == 1:
-                torch.autograd.grad(losses["rul"], params, retain_graph=True)
-            (0.5 * losses["rul"] + 0.5 * losses["health"]).backward()
-        monitor.close()
+        monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale=3.0)
     assert not monitor.sampler.reuse_backward
     _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
     kept = [refs[0], refs[2], refs[3]]  # step 1 was dropped, not mis-measured
     for task in TASKS:
         want = sum(r["grad_norm"][task] for r in kept) / len(kept)
         assert math.isclose(record["tasks"][task]["grad_norm"], want, rel_tol=1e-5)
+
+
+def test_extra_backward_is_skipped_when_the_weights_are_the_coefficients(tmp_path):
+    """Weights equal to the backward's c_i: no loss hooks; the engine says the balancer's pass
+    does not run through the observed losses, so it is skipped and the step's own backward
+    is measured."""
+    monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale=1.0)
+    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
+    for task in TASKS:
+        want = sum(r["grad_norm"][task] for r in refs) / len(refs)
+        assert math.isclose(record["tasks"][task]["grad_norm"], want, rel_tol=1e-5)
+    want = sum(r["cosine"] for r in refs) / len(refs)
+    assert math.isclose(record["cosines"][0]["value"], want, rel_tol=1e-4, abs_tol=1e-6)
+
+
+def _hooked_losses_per_step(tmp_path: Path, weights, root, steps: int = 4) -> list[int]:
+    """Train `steps` sampled steps; per step, how many loss hooks the pending capture holds."""
+    torch.manual_seed(0)
+    model = DualTaskMLP()
+    monitor = _monitor(tmp_path, model, sample_every=1)
+    gen = torch.Generator().manual_seed(0)
+    hooked = []
+    for _ in range(steps):
+        losses = task_losses(model, make_batch(gen))
+        monitor.observe(losses, weights=weights)
+        hooked.append(len(monitor.sampler.pending.handles))
+        root(losses).backward()
+    monitor.close()
+    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    return hooked
+
+
+def test_loss_hooks_only_where_the_coefficients_are_not_known(tmp_path):
+    weights = {"rul": 0.25, "health": 2.0}
+
+    def weighted(losses):
+        return 0.25 * losses["rul"] + 2.0 * losses["health"]
+
+    # step 0 verifies (hooks read c_i = the weights); later steps take c_i from the weights
+    assert _hooked_losses_per_step(tmp_path, weights, weighted) == [2, 0, 0, 0]
+    # the backward is not sum_i w_i L_i: c_i = 4 w_i stay read from the losses
+    scaled = _hooked_losses_per_step(tmp_path, weights, lambda losses: 4 * weighted(losses))
+    assert scaled == [2, 2, 2, 2]
+    # no weights given: the default 1 is not a claim about the backward
+    plain_sum = _hooked_losses_per_step(tmp_path, None, lambda ls: ls["rul"] + ls["health"])
+    assert plain_sum == [2, 2, 2, 2]
+
+
+def test_tensor_weights_that_are_the_coefficients_match_autograd(tmp_path):
+    """GradNorm-style weights: tensors that require grad and change every step."""
+    torch.manual_seed(0)
+    model = DualTaskMLP()
+    monitor = _monitor(tmp_path, model, sample_every=1)
+    params = list(model.shared.parameters())
+    gen = torch.Generator().manual_seed(0)
+    w = torch.tensor([0.3, 1.7], requires_grad=True)
+    refs = []
+    for step in range(6):
+        losses = task_losses(model, make_batch(gen))
+        weights = {"rul": w[0], "health": w[1]}
+        floats = {t: float(v.detach()) for t, v in weights.items()}
+        refs.append(reference_step(losses, params, floats))
+        monitor.observe(losses, weights=weights)
+        if step:
+            assert not monitor.sampler.pending.handles  # c_i taken from the weights
+        (w[0] * losses["rul"] + w[1] * losses["health"]).backward()
+        with torch.no_grad():
+            w += torch.tensor([0.05, -0.1])
+    monitor.close()
+    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
+    for task in TASKS:
+        for field in ("grad_norm", "weighted_grad_norm", "contribution_share", "task_weight"):
+            key = "weight" if field == "task_weight" else field
+            want = sum(r[key][task] for r in refs) / len(refs)
+            assert math.isclose(record["tasks"][task][field], want, rel_tol=1e-4), field
+    want = sum(r["cosine"] for r in refs) / len(refs)
+    assert math.isclose(record["cosines"][0]["value"], want, rel_tol=1e-4, abs_tol=1e-6)

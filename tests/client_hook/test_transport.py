@@ -20,7 +20,7 @@ from client_hook.sync_cli import add_arguments
 from client_hook.sync_cli import run as sync_run
 from client_hook.transport import DeliveryWorker, FileSink, HttpSink, WarnOnce
 from tests.client_hook.fake_api import FakeApi
-from tests.client_hook.hook_support import TASKS, train
+from tests.client_hook.hook_support import TASKS, DualTaskMLP, train
 
 
 @pytest.fixture
@@ -212,3 +212,30 @@ def test_next_run_delivers_what_a_dead_run_left_in_the_spool(fake, tmp_path):
     assert sorted(fake.epochs[old.run_id]) == [0, 1]
     assert fake.statuses[old.run_id] == "crashed"
     assert not old.dir.exists()
+
+
+def test_worker_is_not_woken_per_epoch_and_flush_hands_everything_on(tmp_path):
+    """Epochs wait for the worker's next poll (each wake-up costs the training thread GIL
+    hand-offs); `wait_idle` (GradMonitor.flush) and `close` wake it at once."""
+    path = tmp_path / "run.jsonl"
+    worker = DeliveryWorker(FileSink(path, {"id": "x"}, WarnOnce()), WarnOnce(), poll_interval=60)
+    worker.submit(_Record(0))
+    worker.submit(_Record(1))
+    time.sleep(0.3)
+    assert not path.exists()  # queued, not yet handled: nobody woke the worker
+    started = time.monotonic()
+    assert worker.wait_idle(timeout=5)
+    worker.submit(_Record(2))
+    assert worker.close(timeout=5).complete
+    assert time.monotonic() - started < 2
+    epochs = [line for line in path.read_text().splitlines() if '"epoch"' in line]
+    assert epochs == [dumps({"kind": "epoch", "record": _Record(e).to_record()}) for e in range(3)]
+
+
+def test_monitor_flush_writes_the_ended_epochs(tmp_path):
+    path = tmp_path / "run.jsonl"
+    monitor = GradMonitor(DualTaskMLP().shared, TASKS, local_path=path, sample_every=1)
+    monitor.end_epoch()
+    assert monitor.flush(timeout=5)
+    assert sum('"kind":"epoch"' in line for line in path.read_text().splitlines()) == 1
+    monitor.close()
