@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from client_hook import stats
 from client_hook.api import TOKEN_ENV, URL_ENV, ApiClient, RunUploader, check_url
-from client_hook.sampler import SampledStep, StepSampler
+from client_hook.sampler import SampledStep, StepBlock, StepSampler, epoch_record, epoch_records
 from client_hook.spool import RunSpool, default_spool_dir
 from client_hook.transport import DeliveryReport, DeliveryWorker, FileSink, HttpSink, WarnOnce
 
@@ -72,7 +71,7 @@ class _Epoch:
         self,
         epoch: int,
         tasks: list[str],
-        steps: list[SampledStep],
+        steps: list[SampledStep | StepBlock],
         values: dict[str, Any],
         step_count: int,
         wall_time: float,
@@ -81,9 +80,16 @@ class _Epoch:
         self.values, self.step_count, self.wall_time = values, step_count, wall_time
 
     def to_record(self) -> dict:
-        record = stats.epoch_record(
-            self.epoch, self.tasks, [s.unpack(self.tasks) for s in self.steps]
-        )
+        return self._finish(epoch_record(self.epoch, self.tasks, self.steps))
+
+    @staticmethod
+    def to_records(items: list[_Epoch]) -> list[dict]:
+        """`to_record` of several epochs of one run, their steps computed together (the
+        delivery thread converts whatever queued up since its last poll in one go)."""
+        records = epoch_records(items[0].tasks, [(i.epoch, i.steps) for i in items])
+        return [item._finish(record) for item, record in zip(items, records, strict=True)]
+
+    def _finish(self, record: dict) -> dict:
         record["step_count"] = self.step_count
         record["wall_time"] = self.wall_time
         for key, value in self.values.items():

@@ -47,9 +47,21 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def dumps(value: Any) -> str:
-    """Strict JSON (no bare NaN literal) with non-finite floats as strings."""
-    return json.dumps(json_safe(value), allow_nan=False, separators=(",", ":"))
+    """Strict JSON (no bare NaN literal) with non-finite floats as strings.
+
+    The C encoder alone when every float is finite (it refuses the others); `json_safe`'s
+    Python walk only then (on the delivery thread the walk cost more than the encoding)."""
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_json_default)
+    except (ValueError, TypeError):  # a non-finite float, or a key json does not take
+        return json.dumps(json_safe(value), allow_nan=False, separators=(",", ":"))
 
 
 def default_spool_dir() -> Path:
@@ -179,10 +191,14 @@ class LocalRunFile:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
 
+    @staticmethod
+    def line(kind: str, payload: dict) -> str:
+        return dumps({"kind": kind, **payload}) + "\n"
+
     def append(self, kind: str, payload: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(dumps({"kind": kind, **payload}) + "\n")
+            f.write(self.line(kind, payload))
             f.flush()
 
     @staticmethod

@@ -65,28 +65,46 @@ class DeliveryReport:
 
 
 class FileSink:
-    """No server: append the run header, epochs and status to a local JSON-lines file."""
+    """No server: append the run header, epochs and status to a local JSON-lines file (kept
+    open; one write per batch of epochs, flushed at once)."""
 
     def __init__(self, path: Any, run: dict, warn: WarnOnce) -> None:
         self.file = LocalRunFile(path)
         self.run = run
         self.warn = warn
         self._header_written = False
+        self._handle: Any = None
 
-    def _append(self, kind: str, payload: dict) -> None:
+    def _append(self, lines: list[tuple[str, dict]]) -> None:
         try:
+            if self._handle is None:
+                self.file.path.parent.mkdir(parents=True, exist_ok=True)
+                self._handle = open(self.file.path, "a", encoding="utf-8")  # noqa: SIM115
             if not self._header_written:
-                self.file.append("run", {"run": self.run})
-                self._header_written = True
-            self.file.append(kind, payload)
+                lines = [("run", {"run": self.run}), *lines]
+            self._handle.write("".join(LocalRunFile.line(k, p) for k, p in lines))
+            self._handle.flush()
+            self._header_written = True
         except OSError as exc:
             self.warn("file", f"gradwatch: cannot write the run file {self.file.path}: {exc}")
+            self._close()  # reopened on the next write
+
+    def _close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
 
     def accept(self, record: dict) -> None:
-        self._append("epoch", {"record": record})
+        self._append([("epoch", {"record": record})])
+
+    def accept_many(self, records: list[dict]) -> None:
+        self._append([("epoch", {"record": r}) for r in records])
 
     def accept_status(self, status: str) -> None:
-        self._append("status", {"status": status})
+        self._append([("status", {"status": status})])
 
     spill = accept
 
@@ -97,6 +115,7 @@ class FileSink:
         return None
 
     def report(self) -> DeliveryReport:
+        self._close()  # asked at close: nothing is written after it
         return DeliveryReport(0, False, str(self.file.path))
 
 
@@ -154,6 +173,10 @@ class HttpSink:
             self.pending[int(record["epoch"])] = record
             if self._first_pending_at is None:
                 self._first_pending_at = time.monotonic()
+
+    def accept_many(self, records: list[dict]) -> None:
+        for record in records:
+            self.accept(record)
 
     def spill(self, record: dict) -> None:
         """Called on the training thread when the queue is full: disk only, picked up later."""
@@ -368,16 +391,57 @@ class DeliveryWorker:
                 continue
             self._wake.wait(self.poll_interval if wait is None else min(wait, self.poll_interval))
             self._wake.clear()
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _CLOSE:
-                    self._final_flush()
-                    return
+            if self._handle_queued():
+                self._final_flush()
+                return
+
+    def _handle_queued(self) -> bool:
+        """Hand everything queued to the sink, consecutive epochs converted and accepted
+        together; True if the queue held the close request."""
+        epochs: list[Any] = []
+        count, closing = 0, False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _CLOSE:
+                closing = True
+                break
+            count += 1
+            if isinstance(item, str):  # the final status, after the epochs before it
+                self._accept_epochs(epochs)
+                epochs = []
                 self._handle(item, self.sink.accept)
-                self._done_one()
+            else:
+                epochs.append(item)
+        self._accept_epochs(epochs)
+        for _ in range(count):
+            self._done_one()
+        return closing
+
+    def _accept_epochs(self, items: list[Any]) -> None:
+        """Convert (together, where the items know how: ``to_records``) and accept; an item
+        that cannot be converted is warned about and skipped, never raised."""
+        if not items:
+            return
+        records: list[dict] = []
+        together = getattr(type(items[0]), "to_records", None)
+        if together is not None and all(type(i) is type(items[0]) for i in items):
+            try:
+                records = together(items)
+            except Exception:  # noqa: BLE001 - one by one below, each failure warned once
+                records = []
+        if not records:
+            for item in items:
+                try:
+                    records.append(item.to_record())
+                except Exception as exc:  # noqa: BLE001 - never raise into the training loop
+                    self.warn("convert", f"gradwatch: could not record an epoch ({exc!r}); skipped")
+        try:
+            self.sink.accept_many(records)
+        except Exception as exc:  # noqa: BLE001 - never raise into the training loop
+            self.warn("convert", f"gradwatch: could not record an epoch ({exc!r}); skipped")
 
     def _final_flush(self) -> None:
         while True:
