@@ -183,3 +183,16 @@ def test_steps_compacted_at_the_end_of_an_epoch_give_the_same_record(wild):
     _same(epoch_record(0, tasks, compacted), _python_record(tasks, steps))
     few = compact(steps[:3])  # short epochs are left as they are
     assert all(not isinstance(item, StepBlock) for item in few)
+
+
+def test_steps_packed_as_one_tensor_give_the_same_record():
+    """On an accelerator a step's numbers arrive as ONE packed 1-D host tensor (copied
+    without a sync, `SampledStep.ready`): stacked as they are, same record."""
+    tasks = ["rul", "health"]
+    rng = random.Random(3)
+    steps = [_step(rng, 2, "derived_weights", False, extras=False) for _ in range(12)]
+    steps += [_step(rng, 2, "direct", False, extras=False) for _ in range(5)]
+    want = _python_record(tasks, steps)
+    for step in steps:
+        step.values = torch.cat([part.reshape(-1) for part in step.values])
+    _same(epoch_record(0, tasks, steps), want)
