@@ -13,8 +13,8 @@ forward + backward + ``opt.step()``:
 Modes are interleaved (round-robin, order rotated each repetition) in ONE process. An epoch is
 50 steps (so `default` measures exactly one step per epoch, amortised honestly) and ends with
 ``end_epoch()``. A repetition runs, per mode, one untimed epoch (warm-up after the other modes),
-then a timed *stretch* of consecutive epochs lasting about ``--stretch`` seconds (0.5 s: several
-of the delivery thread's 0.25 s polls), ended by a ``flush()``. The record of each epoch is
+then a timed *stretch* of consecutive epochs lasting about ``--stretch`` seconds (2 s: two of
+the delivery thread's 1 s polls), ended by a ``flush()``. The record of each epoch is
 built on the delivery thread while training goes on, holding the GIL meanwhile, exactly as in
 a run: the stretch pays for its own epochs' records, and no mode's records are built during
 another mode's stretch. We report the median per-step time over repetitions, on two
@@ -228,18 +228,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--model", choices=["both", "small", "wide"], default="both")
     parser.add_argument("--rounds", type=int, default=None, help="fresh instances this often")
-    parser.add_argument("--stretch", type=float, default=0.5, help="seconds per timed stretch")
+    parser.add_argument("--stretch", type=float, default=2.0, help="seconds per timed stretch")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.model in ("both", "small"):
-            reps = args.reps or (2 if args.quick else 24)
-            rounds = args.rounds or (1 if args.quick else 6)
+            reps = args.reps or (2 if args.quick else 12)
+            rounds = args.rounds or (1 if args.quick else 4)
             label = "DualTaskMLP 17->32, heads 1+3"
             measure(label, (32,), reps, rounds, args.stretch, args.device, folder)
         if args.model in ("both", "wide"):
-            reps = args.reps or (2 if args.quick else 9)
+            reps = args.reps or (2 if args.quick else 6)
             rounds = args.rounds or (1 if args.quick else 3)
             label = "wide trunk 17->4x1024, heads 1+3"
             measure(label, (1024,) * 4, reps, rounds, args.stretch, args.device, folder)

@@ -311,7 +311,9 @@ class DeliveryWorker:
     wakes it takes the GIL, and each of its system calls hands the GIL back and forth with the
     training thread, which on a small model costs the training thread far more than the work
     itself (measured: ~0.5 ms per epoch woken one by one, for ~0.07 ms of work; bench/
-    hook_overhead.py). Waking a few times a second bounds that cost by time, not by epochs.
+    hook_overhead.py). Waking once a second bounds that cost by time, not by epochs (on
+    DualTaskMLP with default sampling: 1.039x a plain step, against 1.056x polling every
+    0.25 s). The records reach the sink within about `poll_interval` seconds.
     """
 
     def __init__(
@@ -320,7 +322,7 @@ class DeliveryWorker:
         warn: WarnOnce,
         queue_size: int = 256,
         name: str = "gradwatch-delivery",
-        poll_interval: float = 0.25,
+        poll_interval: float = 1.0,
     ) -> None:
         self.sink = sink
         self.warn = warn
