@@ -94,6 +94,9 @@ class SampledStep:
             return None
         return (tuple(host), self.packed_fields, derived[0])
 
+    def __len__(self) -> int:
+        return 1  # one step (a `StepBlock` holds several)
+
     def unpack(self, tasks: Sequence[str]) -> stats.StepStats:
         if self.ready is not None:
             self.ready.synchronize()
@@ -175,8 +178,7 @@ def epoch_records(
 ) -> list[dict]:
     """`stats.epoch_record` of each (epoch, sampled steps); every step of every epoch goes
     through one tensor computation per layout, then one sum per epoch (`index_add_`)."""
-    total = sum(len(item) if isinstance(item, StepBlock) else 1 for _, s in epochs for item in s)
-    if total < BATCH_MIN_STEPS:
+    if sum(len(item) for _, steps in epochs for item in steps) < BATCH_MIN_STEPS:
         return [
             stats.epoch_record(e, tasks, [x for item in steps for x in _unpacked(item, tasks)])
             for e, steps in epochs
@@ -189,7 +191,7 @@ def epoch_records(
     columns, ratios, present, owners = [], [], [], []
     loose: list[tuple[int, SampledStep | StepBlock]] = []
     for key, members in groups.items():
-        count = sum(len(i) if isinstance(i, StepBlock) else 1 for _, i in members)
+        count = sum(len(i) for _, i in members)
         blocks = any(isinstance(i, StepBlock) for _, i in members)
         if key is None or (count < BATCH_MIN_STEPS // 2 and not blocks):  # cheaper one by one
             loose += members
@@ -212,7 +214,7 @@ def epoch_records(
         columns.append(part[0])
         ratios.append(part[1])
         present.append(part[2])
-        owners += [k for k, i in members for _ in range(len(i) if isinstance(i, StepBlock) else 1)]
+        owners += [k for k, i in members for _ in range(len(i))]
     if loose:  # per-parameter blocks, few steps: per step in Python, then the same columns
         rows = []
         for k, item in loose:
@@ -285,6 +287,14 @@ def _columns_of(step: stats.StepStats, tasks: Sequence[str]) -> tuple[list, floa
     ratio = step.ratio
     present = [float(has_target), float(step.balancer_loss is not None)]
     return row, math.nan if ratio is None else ratio, present
+
+
+def _have_nodes(losses: Sequence[torch.Tensor]) -> bool:
+    """Every loss has an autograd node to ask the engine about (`WILL_EXECUTE`); not a leaf."""
+    for loss in losses:
+        if loss.grad_fn is None:
+            return False
+    return True
 
 
 def _flat_list(value: Any) -> list:
@@ -520,9 +530,8 @@ class StepSampler:
         for v in values:
             if type(v) is not float and type(v) is not int:  # tensors: the general path
                 return False
-        for loss in loss_list:
-            if loss.grad_fn is None:
-                return False
+        if not _have_nodes(loss_list):
+            return False
         assert flat is not None
         self._since_verify += 1
         for row, task in enumerate(self._direct):
@@ -547,9 +556,8 @@ class StepSampler:
         values for a tensor; None: hook the losses to read them."""
         if not (given and self._coeffs_are_weights) or WILL_EXECUTE is None:
             return None
-        for loss in losses:
-            if loss.grad_fn is None:  # a leaf: no node to ask the engine about
-                return None
+        if not _have_nodes(losses):
+            return None
         weights = fields["weights"]
         if isinstance(weights, list):
             fields["coeffs"] = weights

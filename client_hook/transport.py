@@ -359,14 +359,14 @@ class DeliveryWorker:
             self._queue.put_nowait(item)
         except queue.Full:
             self._handle(item, self.sink.spill)
-            self._done_one()
+            self._done()
         except RuntimeError:  # no new threads at interpreter shutdown: do it here
             self._handle(item, self.sink.accept)
-            self._done_one()
+            self._done()
 
-    def _done_one(self) -> None:
+    def _done(self, count: int = 1) -> None:
         with self._idle:
-            self._handled += 1
+            self._handled += count
             self._idle.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
@@ -418,32 +418,28 @@ class DeliveryWorker:
             else:
                 epochs.append(item)
         self._accept_epochs(epochs)
-        for _ in range(count):
-            self._done_one()
+        self._done(count)
         return closing
 
     def _accept_epochs(self, items: list[Any]) -> None:
-        """Convert (together, where the items know how: ``to_records``) and accept; an item
-        that cannot be converted is warned about and skipped, never raised."""
+        """Convert together (where the items know how: ``to_records``) and accept in one
+        batch; if that fails, item by item (`_handle`: each failure warned, never raised)."""
         if not items:
             return
-        records: list[dict] = []
         together = getattr(type(items[0]), "to_records", None)
         if together is not None and all(type(i) is type(items[0]) for i in items):
             try:
                 records = together(items)
-            except Exception:  # noqa: BLE001 - one by one below, each failure warned once
-                records = []
-        if not records:
-            for item in items:
+            except Exception:  # noqa: BLE001 - one by one below, each failure warned
+                records = None
+            if records is not None:
                 try:
-                    records.append(item.to_record())
+                    self.sink.accept_many(records)
                 except Exception as exc:  # noqa: BLE001 - never raise into the training loop
-                    self.warn("convert", f"gradwatch: could not record an epoch ({exc!r}); skipped")
-        try:
-            self.sink.accept_many(records)
-        except Exception as exc:  # noqa: BLE001 - never raise into the training loop
-            self.warn("convert", f"gradwatch: could not record an epoch ({exc!r}); skipped")
+                    self.warn("accept", f"gradwatch: could not record epochs ({exc!r})")
+                return
+        for item in items:
+            self._handle(item, self.sink.accept)
 
     def _final_flush(self) -> None:
         while True:
@@ -453,7 +449,7 @@ class DeliveryWorker:
                 break
             if item is not _CLOSE:
                 self._handle(item, self.sink.accept)
-                self._done_one()
+                self._done()
         while (wait := self.sink.next_attempt_in()) is not None:
             remaining = self._deadline - time.monotonic()
             if remaining <= 0.05:
@@ -488,4 +484,4 @@ class DeliveryWorker:
                 return
             if item is not _CLOSE:
                 self._handle(item, self.sink.spill)
-                self._done_one()
+                self._done()
