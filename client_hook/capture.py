@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial, reduce
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -27,6 +27,10 @@ _FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 # Inside a hook: will the running backward execute this node? (torch >= 2.0; what
 # `torch.autograd.graph.register_multi_grad_hook` asks.) Without it the losses are always hooked.
 WILL_EXECUTE = getattr(torch._C, "_will_engine_execute_node", None)
+# Run a function when the running backward has finished (what DDP's reducer does).
+QUEUE_CALLBACK = getattr(
+    getattr(torch.autograd.Variable, "_execution_engine", None), "queue_callback", None
+)
 
 
 def _copy_all(dst: list[torch.Tensor], src: Sequence[torch.Tensor | None]) -> None:
@@ -196,6 +200,11 @@ class BackwardCapture:
 
         return node.register_prehook(prehook)
 
+    @property
+    def coefficient_reads(self) -> int:
+        """How many losses this capture reads ``c_i`` from (0: known from the weights)."""
+        return len(self.handles)
+
     def remove(self, keep_tap: bool = False) -> None:
         # Called on the next observe(), never from inside a hook (the hook dict is being iterated).
         # Once done, the loss hooks ignore any later call and die with the step's graph: only
@@ -204,6 +213,163 @@ class BackwardCapture:
             for handle in self.handles:
                 handle.remove()
         self.tap.disarm(keep_tap)
+
+
+def grad_accumulator(param: torch.Tensor) -> Any:
+    """The autograd node that writes `param`'s ``.grad`` (what
+    `torch.autograd.graph.register_multi_grad_hook` asks the engine about for a leaf)."""
+    return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+
+def _task_id() -> int:
+    """The running backward's id (`readout_supported` requires the engine to tell it)."""
+    assert _GRAPH_TASK is not None
+    return int(_GRAPH_TASK())
+
+
+def _queue(callback: Callable[[], None]) -> None:
+    """Run `callback` when the running backward has finished (`readout_supported`)."""
+    assert QUEUE_CALLBACK is not None
+    QUEUE_CALLBACK(callback)
+
+
+class GradReadout:
+    """The same reading as `BackwardCapture` without any hook on a parameter: ``c_i`` from
+    pre-hooks on the losses' own autograd nodes (which die with the step's graph: nothing to
+    remove), and the combined gradient ``g`` from the parameters' ``.grad`` in an engine
+    callback that runs when the step's backward has finished (`QUEUE_CALLBACK`, what DDP's
+    reducer uses to finalise a backward).
+
+    The first loss pre-hook of the step's own backward (every loss node and the first
+    parameter's gradient accumulator will execute, so not an ``autograd.grad`` or a backward of
+    other losses) fires before any shared parameter has accumulated in it: every path from
+    the root to a parameter passes a loss node (the verification step checked that the backward
+    is ``sum_i c_i L_i`` on them). There it notes the ``.grad`` already present (a clone:
+    accumulation adds in place) and queues the callback, which reads ``g = .grad - before``
+    (``.grad`` itself when it was None, the usual case after ``zero_grad()``).
+
+    For CPU parameters outside ``torch.distributed`` only (`readout_supported`): there a reducer
+    may still be writing ``.grad`` when the callback runs, and on accelerators the
+    parameter hooks of `BackwardCapture` keep the reads on the backward's streams.
+    """
+
+    __slots__ = ("losses", "coeffs", "grads", "done", "mixed", "graph_task", "params", "nodes",
+                 "accumulator", "on_complete", "sinks", "row", "on_error", "before", "known",
+                 "dead")  # fmt: skip
+
+    def __init__(
+        self,
+        losses: Sequence[torch.Tensor],
+        params: Sequence[torch.Tensor],
+        accumulator: Any,
+        on_complete: Callable[[GradReadout], None],
+        on_error: Callable[[Exception], None],
+        *,
+        row: Sequence[torch.Tensor] | None = None,
+        sinks: Sequence[Callable[[torch.Tensor], Any]] | None = None,
+        known_coeffs: list[torch.Tensor] | None = None,
+    ) -> None:
+        self.losses: Sequence[torch.Tensor] | None = losses
+        self.params = params
+        self.accumulator = accumulator
+        self.on_complete = on_complete
+        self.on_error = on_error
+        self.row, self.sinks = row, sinks
+        self.grads: list[torch.Tensor | None] = []
+        self.done = self.mixed = self.dead = False
+        self.graph_task: int | None = None
+        self.before: list[torch.Tensor | None] | None = None
+        self.known = known_coeffs is not None
+        self.coeffs: list[torch.Tensor | None] = (
+            list(known_coeffs) if known_coeffs is not None else [None] * len(losses)
+        )
+        self.nodes = [loss.grad_fn for loss in losses]
+        for index, (loss, node) in enumerate(zip(losses, self.nodes, strict=True)):
+            node.register_prehook(partial(self._prehook, index, loss.output_nr))  # type: ignore[union-attr]
+
+    def _prehook(self, index: int, output: int, grad_outputs: tuple) -> None:
+        """Inside a backward that reaches loss `index`'s node: never raise."""
+        if self.done or self.dead:
+            return
+        try:
+            task = _task_id()
+            if self.graph_task is None:
+                if not self._is_step_backward():
+                    return  # e.g. a balancer's autograd.grad: not the step's backward
+                self.graph_task = task
+                grads = [p.grad for p in self.params]
+                for g in grads:
+                    if g is not None:  # accumulating: keep what was there before this backward
+                        self.before = [None if b is None else b.detach().clone() for b in grads]
+                        break
+                _queue(self._finish)
+            elif task != self.graph_task:
+                self.mixed = True
+                return
+            if not self.known:
+                self.coeffs[index] = grad_outputs[output]
+        except Exception as exc:  # noqa: BLE001 - inside the user's backward: never raise
+            self.on_error(exc)
+
+    def _is_step_backward(self) -> bool:
+        assert WILL_EXECUTE is not None
+        try:
+            return all(WILL_EXECUTE(n) for n in self.nodes) and bool(WILL_EXECUTE(self.accumulator))
+        except (RuntimeError, TypeError):  # the engine refuses a leaf inside autograd.grad
+            return False
+
+    def _finish(self) -> None:
+        """The engine callback, at the end of the step's backward (never raise)."""
+        try:
+            if self.dead or self.mixed:
+                return
+            grads = [p.grad for p in self.params]
+            if any(g is None for g in grads) or any(c is None for c in self.coeffs):
+                return  # incomplete: `settle` gives up (not done)
+            present = cast(list[torch.Tensor], grads)
+            if torch.is_grad_enabled():  # only under backward(create_graph=True)
+                with torch.no_grad():
+                    self._deliver(present)
+            else:
+                self._deliver(present)
+        except Exception as exc:  # noqa: BLE001 - inside the user's backward: never raise
+            self.on_error(exc)
+        finally:
+            self.losses = None
+
+    def _deliver(self, grads: list[torch.Tensor]) -> None:
+        before = self.before
+        if before is not None:
+            grads = [g if b is None else g - b for g, b in zip(grads, before, strict=True)]
+        if self.row is not None:
+            _copy_all(list(self.row), grads)
+        elif self.sinks is not None:
+            for sink, g in zip(self.sinks, grads, strict=True):
+                sink(g)
+        else:
+            self.grads = list(grads)
+        self.done = True
+        self.on_complete(self)
+
+    @property
+    def coefficient_reads(self) -> int:
+        """How many losses this capture reads ``c_i`` from (0: known from the weights)."""
+        return 0 if self.known else len(self.nodes)
+
+    def remove(self, keep_tap: bool = False) -> None:
+        """The pre-hooks die with the graph; a stale one (a later backward through the same
+        graph) does nothing."""
+        self.dead = True
+
+
+def readout_supported(params: Sequence[torch.Tensor]) -> bool:
+    """`GradReadout` may read these parameters (see its docstring)."""
+    if QUEUE_CALLBACK is None or WILL_EXECUTE is None or _GRAPH_TASK is None:
+        return False
+    if not all(p.device.type == "cpu" and p.is_leaf for p in params):
+        return False
+    dist = getattr(torch, "distributed", None)
+    return not (dist is not None and dist.is_available() and dist.is_initialized())
 
 
 class ParamTap:

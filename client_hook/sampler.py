@@ -40,8 +40,18 @@ from typing import Any
 
 import torch
 
-from client_hook import batch_stats, stats
-from client_hook.capture import WILL_EXECUTE, BackwardCapture, FlatGrads, GramWithTotal, ParamTap
+from client_hook import batch_stats, stats, steady
+from client_hook.capture import (
+    WILL_EXECUTE,
+    BackwardCapture,
+    FlatGrads,
+    GradReadout,
+    GramWithTotal,
+    ParamTap,
+    grad_accumulator,
+    readout_supported,
+)
+from client_hook.steady import SteadySteps
 
 RESIDUAL_TOLERANCE = 1e-3
 # |c_i - w_i| <= COEFF_TOLERANCE |w_i| for every task: the weights are the coefficients
@@ -119,15 +129,21 @@ class StepBlock:
     than a few per step (measured: 20 epochs of 50 steps each left to the delivery thread as
     separate tensors slowed the training steps by ~4%; bench/hook_overhead.py)."""
 
-    __slots__ = ("matrix", "host", "key")
+    __slots__ = ("_packed", "host", "key")
 
     def __init__(self, steps: Sequence[SampledStep], key: tuple) -> None:
-        self.matrix = _matrix(steps)
+        self._packed: torch.Tensor | None = _matrix(steps)
         self.host = [s.host_fields for s in steps]
         self.key = key
 
     def __len__(self) -> int:
         return len(self.host)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The steps' packed numbers, ``[S, K]`` in `stats.pack_step` order."""
+        assert self._packed is not None
+        return self._packed
 
     def unpack(self, tasks: Sequence[str]) -> list[stats.StepStats]:
         """Each step in Python floats, as `SampledStep.unpack` gives it."""
@@ -138,10 +154,32 @@ class StepBlock:
         ]
 
 
-def compact(steps: list[SampledStep]) -> list[SampledStep | StepBlock]:
+class PendingBlock(StepBlock):
+    """Steady steps (`steady.SteadySteps`) whose packed matrix is computed when first needed:
+    on the delivery thread, together with the other pending blocks of its layout
+    (`_group_matrix`), or at once for large gradients."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: steady.RawSteps, key: tuple) -> None:  # noqa: D107
+        self.raw = raw
+        self.host = raw.hosts
+        self.key = key
+        self._packed = None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = steady.reduce([self.raw])
+        return self._packed
+
+
+def compact(steps: list[SampledStep | StepBlock]) -> list[SampledStep | StepBlock]:
     """Runs of at least ``BATCH_MIN_STEPS // 2`` consecutive CPU steps of one layout as
-    `StepBlock`s (a few tensor ops on the training thread, once per epoch)."""
-    if len(steps) < BATCH_MIN_STEPS or not isinstance(steps[0].values, list):
+    `StepBlock`s (a few tensor ops on the training thread, once per epoch); blocks already
+    made (`steady.SteadySteps`) pass as they are."""
+    loose = [s for s in steps if isinstance(s, SampledStep)]
+    if len(loose) < BATCH_MIN_STEPS or not isinstance(loose[0].values, list):
         return list(steps)
     out: list[SampledStep | StepBlock] = []
     run: list[SampledStep] = []
@@ -157,6 +195,11 @@ def compact(steps: list[SampledStep]) -> list[SampledStep | StepBlock]:
         out.extend(run)
 
     for step in steps:
+        if isinstance(step, StepBlock):
+            close_run()
+            run, run_key = [], None
+            out.append(step)
+            continue
         key = step.layout() if isinstance(step.values, list) else None
         if key is None or key != run_key:
             close_run()
@@ -247,7 +290,17 @@ def _group_matrix(items: Sequence[SampledStep | StepBlock]) -> torch.Tensor:
     in order."""
     pieces: list[torch.Tensor] = []
     run: list[SampledStep] = []
+    pending: list[steady.RawSteps] = []
     for item in items:
+        if isinstance(item, PendingBlock) and item._packed is None:
+            if run:
+                pieces.append(_matrix(run))
+                run = []
+            pending.append(item.raw)
+            continue
+        if pending:
+            pieces.append(steady.reduce(pending))  # all of them at once
+            pending = []
         if isinstance(item, StepBlock):
             if run:
                 pieces.append(_matrix(run))
@@ -255,6 +308,8 @@ def _group_matrix(items: Sequence[SampledStep | StepBlock]) -> torch.Tensor:
             pieces.append(item.matrix)
         else:
             run.append(item)
+    if pending:
+        pieces.append(steady.reduce(pending))
     if run:
         pieces.append(_matrix(run))
     return torch.cat(pieces).double() if len(pieces) > 1 else pieces[0].double()
@@ -338,8 +393,8 @@ class StepSampler:
         self.reuse_backward = reuse_backward and len(self.tasks) > 1
         self.warn = warn
         self.verify_every = verify_every
-        self.steps: list[SampledStep] = []
-        self.pending: BackwardCapture | None = None
+        self.steps: list[SampledStep | StepBlock] = []
+        self.pending: BackwardCapture | GradReadout | SteadySteps | None = None
         self._derived: int | None = None  # task read from the user's backward, once verified
         self._direct: list[int] = []  # the other tasks, measured with their own backward
         self._since_verify = 0
@@ -355,6 +410,16 @@ class StepSampler:
         )
         self._flat: FlatGrads | None = None
         self._tap = ParamTap(self.params)
+        # read g from .grad at the end of the step's backward (`GradReadout`) where possible
+        self._readout = readout_supported(self.params)
+        self._accumulator: Any = None  # the first parameter's gradient accumulator, once needed
+        self._run: SteadySteps | None = None  # where steady steps go (`_set_run`)
+
+    @property
+    def measured(self) -> int:
+        """Sampled steps measured so far in this epoch (those still waiting for their
+        backward not counted)."""
+        return sum(len(s) for s in self.steps) + (self._run.count if self._run else 0)
 
     @property
     def hooked(self) -> bool:
@@ -473,13 +538,12 @@ class StepSampler:
             else:
                 context = GramWithTotal(self._task_grads(direct))
                 sinks, fields["derived"] = context.sinks(), (derived, context.has_direct)
-            self.pending = BackwardCapture(
+            self.pending = self._capture(
                 loss_list,
-                self._tap,
                 partial(self._guarded, self._derive, context, fields),
                 sinks,
-                self._hook_failed,
                 known,
+                row=flat.rows[len(direct)] if flat is not None else None,
             )
             return
         # Every task directly: the exact numbers, and the reference of a verification step.
@@ -501,21 +565,17 @@ class StepSampler:
         if not self.reuse_backward:
             return
         self._since_verify = 0
+        self._readout = readout_supported(self.params)  # torch.distributed may start any time
         if flat is not None:
-            self.pending = BackwardCapture(
+            self.pending = self._capture(
                 loss_list,
-                self._tap,
                 partial(self._guarded, self._verify_flat, flat, gram, weights_field),
                 flat.sinks[len(loss_list)],
-                self._hook_failed,
+                row=flat.rows[len(loss_list)],
             )
         else:
-            self.pending = BackwardCapture(
-                loss_list,
-                self._tap,
-                partial(self._guarded, self._verify, grads, gram, weights_field),
-                None,
-                self._hook_failed,
+            self.pending = self._capture(
+                loss_list, partial(self._guarded, self._verify, grads, gram, weights_field), None
             )
 
     def _steady_step(self, loss_list: Sequence[torch.Tensor], weights: Mapping[str, Any]) -> bool:
@@ -530,6 +590,15 @@ class StepSampler:
         for v in values:
             if type(v) is not float and type(v) is not int:  # tensors: the general path
                 return False
+        run = self._run
+        if run is not None:
+            floats = [float(v) for v in values]
+            if run.add(loss_list, floats):
+                self._since_verify += 1
+                self.pending = run
+                return True
+            self._run = None  # its hooked task misses a parameter: the general path from now
+            run.flush()
         if not _have_nodes(loss_list):
             return False
         assert flat is not None
@@ -538,15 +607,42 @@ class StepSampler:
             flat.write(row, stats.task_grad(loss_list[task], self._inputs, self._plain_params))
         floats = [float(v) for v in values]
         fields = {"weights": floats, "derived": (self._derived, None), "coeffs": floats}
-        self.pending = BackwardCapture(
+        self.pending = self._capture(
             loss_list,
-            self._tap,
             partial(self._guarded, self._derive, flat, fields),
             flat.sinks[len(self._direct)],
-            self._hook_failed,
             [],
+            row=flat.rows[len(self._direct)],
         )
         return True
+
+    def _capture(
+        self,
+        losses: Sequence[torch.Tensor],
+        on_complete: Callable[[Any], None],
+        sinks: Sequence[Callable[[torch.Tensor], Any]] | None,
+        known: list[torch.Tensor] | None = None,
+        *,
+        row: Sequence[torch.Tensor] | None = None,
+    ) -> BackwardCapture | GradReadout:
+        """What reads the step's backward: a `GradReadout` (no parameter hook; `row`, a flat
+        buffer row, takes ``g`` in one copy) where it may run, else a `BackwardCapture`."""
+        if self._readout and _have_nodes(losses):
+            if self._tap.handles:
+                self._tap.disarm()
+            if self._accumulator is None:
+                self._accumulator = grad_accumulator(self.params[0])
+            return GradReadout(
+                losses,
+                self.params,
+                self._accumulator,
+                on_complete,
+                self._hook_failed,
+                row=row,
+                sinks=None if row is not None else sinks,
+                known_coeffs=known,
+            )
+        return BackwardCapture(losses, self._tap, on_complete, sinks, self._hook_failed, known)
 
     def _known_coeffs(
         self, fields: dict[str, Any], given: bool, losses: Sequence[torch.Tensor]
@@ -606,6 +702,7 @@ class StepSampler:
     def _give_up(self, reason: str) -> None:
         self.reuse_backward = False
         self._steady = None
+        self._set_run(False)  # its completed steps stay measured
         self.warn(
             "reuse",
             f"gradwatch: {reason}; measuring every task with its own backward "
@@ -626,7 +723,7 @@ class StepSampler:
             self._hook_failed(exc)
 
     def _verify(
-        self, grads: list, gram: torch.Tensor, weights: Any, capture: BackwardCapture
+        self, grads: list, gram: torch.Tensor, weights: Any, capture: BackwardCapture | GradReadout
     ) -> None:
         coeffs = _scalars(capture.coeffs).to(gram.dtype)
         residuals, totals = [], []
@@ -648,7 +745,11 @@ class StepSampler:
         self._accept(coeffs, gram, norms, weights)
 
     def _verify_flat(
-        self, flat: FlatGrads, gram: torch.Tensor, weights: Any, capture: BackwardCapture
+        self,
+        flat: FlatGrads,
+        gram: torch.Tensor,
+        weights: Any,
+        capture: BackwardCapture | GradReadout,
     ) -> None:
         num = len(self.tasks)
         coeffs = _scalars(capture.coeffs).to(flat.buffer.dtype)
@@ -691,8 +792,37 @@ class StepSampler:
             and not self._batched_ok(len(self._direct))
         )
         self._steady = flat if steady else None
+        self._set_run(steady and self._readout)
 
-    def _derive(self, context: Any, fields: dict, capture: BackwardCapture) -> None:
+    def _set_run(self, wanted: bool) -> None:
+        """Steady steps go to a `steady.SteadySteps` (kept while the layout stays the same)."""
+        run = self._run
+        if run is not None and (
+            not wanted or run.derived != self._derived or run.direct != self._direct
+        ):
+            run.flush()
+            run = self._run = None
+        if wanted and run is None and self._derived is not None and self._initial is not None:
+            if self._accumulator is None:
+                self._accumulator = grad_accumulator(self.params[0])
+            self._run = SteadySteps(
+                self.params,
+                self._direct,
+                self._derived,
+                self._initial,
+                self._accumulator,
+                self._plain_params,
+                self._hook_failed,
+                self._emit_block,
+            )
+
+    def _emit_block(self, raw: steady.RawSteps, now: bool) -> None:
+        block = PendingBlock(raw, (("weights", "derived", "coeffs"), (), raw.derived))
+        if now:
+            block.matrix  # noqa: B018 - computed here, on the training thread
+        self.steps.append(block)
+
+    def _derive(self, context: Any, fields: dict, capture: BackwardCapture | GradReadout) -> None:
         if not self.reuse_backward:
             return  # a hook failed earlier in this backward
         assert capture.losses is not None
@@ -707,6 +837,8 @@ class StepSampler:
         """Keep a step: `head` (Gram matrix or blocks, then coefficients and losses), the initial
         losses, then the tensor fields, in `stats.pack_step` order."""
         assert self._initial is not None
+        if self._run is not None:
+            self._run.flush()  # the steps stay in order
         parts = [*head, self._initial]
         packed_names: tuple[str, ...] = ()
         for name in stats.PACKABLE:
@@ -718,5 +850,7 @@ class StepSampler:
 
     def take(self) -> list[SampledStep | StepBlock]:
         self.settle()
+        if self._run is not None:
+            self._run.flush()
         steps, self.steps = self.steps, []
         return compact(steps)

@@ -116,12 +116,16 @@ def train(
     params: Callable[[DualTaskMLP], Sequence[torch.Tensor]] | None = None,
     after_epoch: Callable[[int], None] | None = None,
     root: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    zero_grad: str = "none",
 ) -> list[dict]:
     """Train DualTaskMLP with SGD while the monitor observes; return the expected epoch records.
 
     `monitor` is a GradMonitor or a factory ``model -> GradMonitor``; `params` picks the watched
     parameters for the reference computation (default: all of ``model.shared``); `root` maps
     (model, sum_i w_i L_i) to what ``backward()`` is called on (e.g. with a penalty added).
+    `zero_grad`: ``"none"`` (``zero_grad()``, .grad set to None), ``"zeros"``
+    (``zero_grad(set_to_none=False)``) or ``"accumulate"`` (an optimiser step every second
+    step: the other steps' backward adds to the .grad already there).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -142,8 +146,9 @@ def train(
             monitor.observe(losses, weights=weights)
             total = sum(weights[t] * losses[t] for t in TASKS)
             (root(model, total) if root else total).backward()
-            opt.step()
-            opt.zero_grad()
+            if zero_grad != "accumulate" or step % 2:
+                opt.step()
+                opt.zero_grad(set_to_none=zero_grad != "zeros")
         monitor.end_epoch(total_loss=float(total.detach()))
         record = expected_epoch(epoch, steps, initial)
         record["step_count"] = steps_per_epoch

@@ -127,7 +127,7 @@ def test_sampled_steps_read_no_value_on_the_training_thread(tmp_path, host_reads
     counter.__exit__(None, None, None)
     assert host_reads == []
     assert not [op for op in counter.ops if "_local_scalar_dense" in op]
-    assert len(monitor.sampler.steps) == 6
+    assert monitor.sampler.measured == 6
     monitor.close()
 
 
@@ -148,7 +148,7 @@ def test_user_gradients_are_unchanged_by_observe(tmp_path):
             out += [p.grad.clone() for p in model.parameters()]
             model.zero_grad()
         if monitor is not None:
-            assert monitor.sampler.reuse_backward and len(monitor.sampler.steps) == 3
+            assert monitor.sampler.reuse_backward and monitor.sampler.measured == 3
             monitor.close()
         return out
 
@@ -405,7 +405,9 @@ def test_three_tasks_read_from_the_backward_match_autograd(tmp_path):
         assert math.isclose(pair["value"], want, rel_tol=1e-4, abs_tol=1e-5)
 
 
-def _steps_with_foreign_backward(tmp_path: Path, root_scale: float) -> tuple[GradMonitor, list]:
+def _steps_with_foreign_backward(
+    tmp_path: Path, root_scale: float, foreign=None
+) -> tuple[GradMonitor, list]:
     """Four sampled steps; on step 1 a balancer-like autograd.grad runs after observe()."""
     torch.manual_seed(0)
     model = DualTaskMLP()
@@ -418,16 +420,28 @@ def _steps_with_foreign_backward(tmp_path: Path, root_scale: float) -> tuple[Gra
         refs.append(reference_step(losses, params, {"rul": 0.5, "health": 0.5}))
         monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
         if step == 1:
-            torch.autograd.grad(losses["rul"], params, retain_graph=True)
+            if foreign is None:
+                torch.autograd.grad(losses["rul"], params, retain_graph=True)
+            else:
+                foreign(losses, params)
         (root_scale * (0.5 * losses["rul"] + 0.5 * losses["health"])).backward()
     monitor.close()
     return monitor, refs
 
 
-def test_extra_backward_between_observe_and_step_is_detected(tmp_path):
+@pytest.fixture
+def param_hooks(monkeypatch):
+    """Read the step's backward with hooks on the shared parameters (`BackwardCapture`, the
+    accelerator / torch.distributed path) instead of ``.grad`` at its end (`GradReadout`)."""
+    from client_hook import sampler
+
+    monkeypatch.setattr(sampler, "readout_supported", lambda params: False)
+
+
+def test_extra_backward_between_observe_and_step_is_detected(tmp_path, param_hooks):
     """Coefficients read by hooks on the losses (here the backward is 3x the weighted sum): a
-    balancer-like autograd.grad after observe() mixes passes; that step is dropped, not
-    mis-measured."""
+    balancer-like autograd.grad after observe() mixes passes on the parameter hooks; that
+    step is dropped, not mis-measured."""
     with pytest.warns(GradwatchWarning, match="another backward pass"):
         monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale=3.0)
     assert not monitor.sampler.reuse_backward
@@ -438,18 +452,49 @@ def test_extra_backward_between_observe_and_step_is_detected(tmp_path):
         assert math.isclose(record["tasks"][task]["grad_norm"], want, rel_tol=1e-5)
 
 
-def test_extra_backward_is_skipped_when_the_weights_are_the_coefficients(tmp_path):
-    """Weights equal to the backward's c_i: no loss hooks; the engine says the balancer's pass
-    does not run through the observed losses, so it is skipped and the step's own backward
-    is measured."""
-    monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale=1.0)
-    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+def _assert_all_steps_measured(tmp_path: Path, refs: list) -> None:
     _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
     for task in TASKS:
         want = sum(r["grad_norm"][task] for r in refs) / len(refs)
         assert math.isclose(record["tasks"][task]["grad_norm"], want, rel_tol=1e-5)
     want = sum(r["cosine"] for r in refs) / len(refs)
     assert math.isclose(record["cosines"][0]["value"], want, rel_tol=1e-4, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("root_scale", [3.0, 1.0], ids=["hooked-losses", "known-coeffs"])
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        None,
+        lambda losses, params: torch.autograd.grad(
+            losses["rul"] + losses["health"], params, retain_graph=True
+        ),
+    ],
+    ids=["one-loss", "all-losses"],
+)
+def test_extra_backward_is_skipped_by_the_grad_readout(tmp_path, root_scale, foreign):
+    """Reading .grad at the end of the step's backward: an autograd.grad after observe() (even
+    one through every observed loss) writes no .grad; the engine says so and that pass is
+    skipped: every step is measured, exactly, with no warning."""
+    monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale, foreign)
+    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    _assert_all_steps_measured(tmp_path, refs)
+
+
+@pytest.mark.parametrize("reading", ["readout", "hooks"])
+def test_extra_backward_is_skipped_when_the_weights_are_the_coefficients(
+    tmp_path, monkeypatch, reading
+):
+    """Weights equal to the backward's c_i: no loss hooks; the engine says the balancer's pass
+    does not run through the observed losses, so it is skipped and the step's own backward
+    is measured."""
+    if reading == "hooks":
+        from client_hook import sampler
+
+        monkeypatch.setattr(sampler, "readout_supported", lambda params: False)
+    monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale=1.0)
+    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    _assert_all_steps_measured(tmp_path, refs)
 
 
 def _hooked_losses_per_step(tmp_path: Path, weights, root, steps: int = 4) -> list[int]:
@@ -462,14 +507,19 @@ def _hooked_losses_per_step(tmp_path: Path, weights, root, steps: int = 4) -> li
     for _ in range(steps):
         losses = task_losses(model, make_batch(gen))
         monitor.observe(losses, weights=weights)
-        hooked.append(len(monitor.sampler.pending.handles))
+        hooked.append(monitor.sampler.pending.coefficient_reads)
         root(losses).backward()
     monitor.close()
     assert monitor.sampler.reuse_backward and not monitor.warn.messages
     return hooked
 
 
-def test_loss_hooks_only_where_the_coefficients_are_not_known(tmp_path):
+@pytest.mark.parametrize("reading", ["readout", "hooks"])
+def test_loss_hooks_only_where_the_coefficients_are_not_known(tmp_path, monkeypatch, reading):
+    if reading == "hooks":
+        from client_hook import sampler
+
+        monkeypatch.setattr(sampler, "readout_supported", lambda params: False)
     weights = {"rul": 0.25, "health": 2.0}
 
     def weighted(losses):
@@ -501,7 +551,7 @@ def test_tensor_weights_that_are_the_coefficients_match_autograd(tmp_path):
         refs.append(reference_step(losses, params, floats))
         monitor.observe(losses, weights=weights)
         if step:
-            assert not monitor.sampler.pending.handles  # c_i taken from the weights
+            assert not monitor.sampler.pending.coefficient_reads  # c_i taken from the weights
         (w[0] * losses["rul"] + w[1] * losses["health"]).backward()
         with torch.no_grad():
             w += torch.tensor([0.05, -0.1])

@@ -27,12 +27,18 @@ from tests.client_hook.hook_support import (
 )
 
 
-@pytest.fixture(params=["flat", "per_parameter"])
+@pytest.fixture(params=["flat", "per_parameter", "flat-hooks", "per_parameter-hooks"])
 def layout(request, monkeypatch) -> str:
-    """Which gradient layout the monitors of this test use (set before they are built)."""
-    if request.param == "per_parameter":
+    """Which gradient layout the monitors of this test use (set before they are built), and
+    how the step's backward is read: ``.grad`` at its end (`capture.GradReadout`, the CPU
+    default) or, for the ``-hooks`` variants, hooks on every shared parameter
+    (`capture.BackwardCapture`, what accelerators and torch.distributed use)."""
+    name, _, reading = request.param.partition("-")
+    if name == "per_parameter":
         monkeypatch.setattr(sampler, "FLAT_MAX_NUMEL", 0)
-    return request.param
+    if reading == "hooks":
+        monkeypatch.setattr(sampler, "readout_supported", lambda params: False)
+    return name
 
 
 def _monitor(tmp_path: Path, shared, **kwargs) -> GradMonitor:
@@ -105,6 +111,84 @@ def test_parameters_reached_by_one_task_match_independent_autograd(
         assert_record_matches(got, want)
     assert monitor.sampler.reuse_backward == reuse_backward and not monitor.warn.messages
     assert monitor.sampler._derived == (TASKS.index("health") if reuse_backward else None)
+
+
+@pytest.mark.parametrize("zero_grad", ["zeros", "accumulate"])
+def test_grads_left_in_place_or_accumulated_match_independent_autograd(tmp_path, layout, zero_grad):
+    """The step's backward adds to a .grad that is already there (zeroed in place, or
+    gradient accumulation over two steps): what is measured is still this step's gradient."""
+    made: list[GradMonitor] = []
+
+    def factory(model: DualTaskMLP) -> GradMonitor:
+        made.append(_monitor(tmp_path, model.shared, sample_every=1))
+        return made[0]
+
+    expected = train(factory, epochs=2, steps_per_epoch=5, sample_every=1, zero_grad=zero_grad)
+    made[0].close()
+    for got, want in zip(LocalRunFile.read(tmp_path / "run.jsonl")[1], expected, strict=True):
+        assert_record_matches(got, want)
+    assert made[0].sampler.reuse_backward and not made[0].warn.messages
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "defer_bytes"),
+    [(3, 1 << 20), (1, 1 << 20), (2, 0)],
+    ids=["blocks-of-3", "blocks-of-1", "reduced-at-once"],
+)
+def test_steady_blocks_match_independent_autograd(tmp_path, monkeypatch, max_steps, defer_bytes):
+    """Steady steps (`steady.SteadySteps`) flushed in several blocks per epoch, and reduced on
+    the training thread rather than on the delivery thread: the same numbers."""
+    from client_hook import steady
+
+    monkeypatch.setattr(steady, "MAX_STEPS", max_steps)
+    monkeypatch.setattr(steady, "DEFER_BYTES", defer_bytes)
+    records, expected, monitor = _trained(tmp_path, reuse_backward=True)
+    for got, want in zip(records, expected, strict=True):
+        assert_record_matches(got, want)
+    assert monitor.sampler._run is not None and monitor.sampler._run.capacity == max_steps
+    assert not monitor.warn.messages
+
+
+def test_a_steady_step_without_its_backward_gives_up_and_keeps_the_others(tmp_path):
+    """observe() with no backward after it: that step is dropped with a warning, the steady
+    steps before it stay measured, and the next steps are measured directly."""
+    torch.manual_seed(0)
+    model = DualTaskMLP()
+    monitor = _monitor(tmp_path, model.shared, sample_every=1)
+    params = list(model.shared.parameters())
+    gen = torch.Generator().manual_seed(0)
+    norms = []
+    for step in range(5):
+        losses = task_losses(model, make_batch(gen))
+        monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
+        if step == 2:
+            continue  # no backward
+        norms.append(_flat_grad(losses["health"], params).norm().item())
+        (0.5 * losses["rul"] + 0.5 * losses["health"]).backward()
+        model.zero_grad()
+    monitor.close()
+    assert not monitor.sampler.reuse_backward
+    assert any("did not reach" in m for m in monitor.warn.messages)
+    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
+    want = sum(norms) / len(norms)
+    assert math.isclose(record["tasks"]["health"]["grad_norm"], want, rel_tol=1e-5)
+
+
+def test_the_grad_readout_hooks_no_parameter(tmp_path):
+    """On the CPU the combined gradient is read from .grad at the end of the step's backward:
+    no hook is ever registered on a shared parameter (each would cost a Python call per
+    parameter in every later backward, sampled or not)."""
+    model = DualTaskMLP()
+    monitor = _monitor(tmp_path, model.shared, sample_every=1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        losses = task_losses(model, make_batch(gen))
+        monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
+        (0.5 * losses["rul"] + 0.5 * losses["health"]).backward()
+        model.zero_grad()
+    monitor.close()
+    assert monitor.sampler._derived is not None and not monitor.warn.messages
+    assert [p._backward_hooks for p in model.shared.parameters()] == [None, None]
 
 
 def _flat_grad(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
