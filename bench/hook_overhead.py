@@ -4,13 +4,14 @@ Two models: the seeds' DualTaskMLP (17 -> 32 shared, heads 1 and 3) and a wider 
 4 x 1024 ReLU trunk. CPU, ``torch.set_num_threads(1)``, batch 256, SGD. Modes, one step each =
 forward + backward + ``opt.step()``:
 
-- ``plain``: no monitor;
+- ``plain``: no monitor; ``control``: the same again (what it shows against ``plain`` is noise);
 - ``default``: GradMonitor with the default ``sample_every=50``;
 - ``every``: GradMonitor measuring every step (``sample_every=1``);
 - ``naive``: the textbook diagnostic every step: one ``torch.autograd.grad`` per task, then
   ``torch.cat(grads).norm().item()`` per task (the seeds' ``total_norm``).
 
-Modes are interleaved (round-robin, order rotated each repetition) in ONE process. An epoch is
+Modes are interleaved (round-robin, order rotated each repetition) in ONE process, on ONE
+model instance per round (`Net`: what differs between modes is only the monitoring). An epoch is
 50 steps (so `default` measures exactly one step per epoch, amortised honestly) and ends with
 ``end_epoch()``. A repetition runs, per mode, one untimed epoch (warm-up after the other modes),
 then a timed *stretch* of consecutive epochs lasting about ``--stretch`` seconds (2 s: two of
@@ -20,9 +21,8 @@ a run: the stretch pays for its own epochs' records, and no mode's records are b
 another mode's stretch. We report the median per-step time over repetitions, on two
 clocks: wall time, and the process's CPU time (every thread of it, so the monitor's delivery
 thread is counted too, but not the time other processes of a shared machine take the core).
-The repetitions are split over ``--rounds`` rounds, each with freshly built models, optimisers
-and monitors: two identical instances can differ by ~10% for the whole of their life (where
-their memory happens to lie), which one round would bake into every ratio.
+The repetitions are split over ``--rounds`` rounds, each with a freshly built model, optimiser
+and monitors.
 
     ratio(mode)    = median over repetitions of  time(mode) / time(plain)   (paired: same rep)
     overhead(mode) = median over repetitions of  time(mode) - time(plain)   (per step)
@@ -52,7 +52,7 @@ from client_hook import GradMonitor
 
 TASKS = ["rul", "health"]
 BLOCK = 50
-MODES = ("plain", "default", "every", "naive")
+MODES = ("plain", "control", "default", "every", "naive")
 
 
 class DualTask(nn.Module):
@@ -81,17 +81,29 @@ def naive_norms(losses: dict[str, torch.Tensor], params: list[torch.Tensor]) -> 
     return norms
 
 
-class Mode:
-    def __init__(self, name: str, widths: tuple[int, ...], device: str, folder: Path) -> None:
+class Net:
+    """The model, optimiser and batch that every mode of a round trains (ONE instance: two
+    identical instances can differ by several percent for their whole life, where their memory
+    happens to lie, which separate instances per mode would bake into every ratio)."""
+
+    def __init__(self, widths: tuple[int, ...], device: str) -> None:
         torch.manual_seed(0)
-        self.name = name
         self.model = DualTask(widths).to(device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-5)
+        # a tiny rate: the model barely moves while the modes take turns on it
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-7)
         self.params = list(self.model.shared.parameters())
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(256, 17, generator=gen).to(device)
         self.y_rul = (torch.randn(256, generator=gen) * 30 + 60).to(device)
         self.y_health = torch.randint(0, 3, (256,), generator=gen).to(device)
+
+
+class Mode:
+    def __init__(self, name: str, net: Net, folder: Path, tag: str) -> None:
+        self.name = name
+        self.net = net
+        self.model, self.opt, self.params = net.model, net.opt, net.params
+        self.x, self.y_rul, self.y_health = net.x, net.y_rul, net.y_health
         self.monitor = None
         if name in ("default", "every"):
             self.monitor = GradMonitor(
@@ -99,7 +111,7 @@ class Mode:
                 TASKS,
                 run_name=f"bench-{name}",
                 sample_every=50 if name == "default" else 1,
-                local_path=folder / f"{name}-{'x'.join(map(str, widths))}.jsonl",
+                local_path=folder / f"{name}-{tag}.jsonl",
             )
         self.weights = {"rul": 0.5, "health": 0.5}
         self.times: list[float] = []
@@ -166,6 +178,10 @@ def summarise(series: Series, clock: str) -> None:
             f"    {name:8s} {statistics.median(values) * 1e3:9.3f} ms/step   "
             f"ratio {ratio:5.3f}x   overhead {overhead[name] * 1e3:8.3f} ms"
         )
+    print(
+        f"    (control: a second plain mode, {overhead['control'] * 1e3:+.3f} ms: "
+        "the noise floor of these figures)"
+    )
     every, naive = overhead["every"], overhead["naive"]
     verdict = f"{naive / every:.2f}x" if every > 0 else "n/a (no measurable overhead)"
     print(
@@ -179,7 +195,9 @@ def run_round(
 ) -> int:
     """Fresh instances of every mode, warmed up, then `reps` interleaved stretches. Returns the
     epochs per stretch (from the plain mode's warm-up epochs)."""
-    modes = [Mode(n, widths, device, folder) for n in MODES]
+    net = Net(widths, device)
+    tag = "x".join(map(str, widths))
+    modes = [Mode(n, net, folder, tag) for n in MODES]
     for mode in modes:  # warm-up (allocator, first sampled step, verification)
         mode.stretch(2, device)
     epochs = max(1, math.ceil(stretch_s / (modes[0].times[-1] * BLOCK)))

@@ -80,7 +80,7 @@ class SteadySteps:
         self.dtype = dtype
         per_step = self.num * width * dtype.itemsize
         self.capacity = max(1, min(MAX_STEPS, BUFFER_BYTES // max(per_step, 1)))
-        # row k: the direct task gradients, the combined gradient g, then the T losses, all
+        # row k: the combined gradient g, the direct task gradients, then the T losses, all
         # written by the callback's ONE copy; [:, :T N] viewed as [S, T, N] gives every Gram
         # matrix in one batched matmul (`reduce`)
         self.buffer = torch.empty(self.capacity, self.num * width + self.num, dtype=dtype)
@@ -99,10 +99,11 @@ class SteadySteps:
         self._before: list[torch.Tensor | None] | None = None
         self._armed = 0  # a token: a stale hook (an older graph) does nothing
         self._graph_task: int | None = None
+        self._host: dict | None = None  # the host fields of the last step (shared while equal)
 
     def _row(self, k: int) -> list[torch.Tensor]:
-        """Views of buffer row `k`: per direct task then for g, one per parameter; then one
-        per loss (0-d)."""
+        """Views of buffer row `k`: for g then per direct task, one per parameter; then one
+        per loss (0-d). In the order the callback copies them."""
         row = self._rows[k]
         if row is None:
             sizes = self.numels * self.num + [1] * self.num
@@ -112,7 +113,7 @@ class SteadySteps:
             self._rows[k] = row
         return row
 
-    def add(self, losses: Sequence[torch.Tensor], floats: list[float]) -> bool:
+    def add(self, losses: list[torch.Tensor], floats: list[float]) -> bool:
         """Measure one steady step (before its backward); False (nothing armed) where it does
         not fit: the caller takes the general path."""
         nodes = [loss.grad_fn for loss in losses]
@@ -130,9 +131,16 @@ class SteadySteps:
                 sources += [z if g is None else g for g, z in zip(grads, self._zeros, strict=True)]
         if hooked is None:
             return False
-        self.hosts.append({"weights": floats, "derived": (self.derived, None), "coeffs": floats})
-        self.done, self.mixed = False, False
-        self._nodes, self._sources = nodes, sources + list(losses)
+        host = self._host
+        if host is None or host["weights"] != floats:  # one dict while the weights stay
+            host = self._host = {
+                "weights": floats,
+                "derived": (self.derived, None),
+                "coeffs": floats,
+            }
+        self.hosts.append(host)
+        self.done = self.mixed = False
+        self._nodes, self._sources = nodes, sources + losses
         self._armed += 1
         self._graph_task = None
         nodes[hooked].register_prehook(partial(self._prehook, self._armed))  # type: ignore[union-attr]
@@ -168,19 +176,22 @@ class SteadySteps:
         try:
             if token != self._armed or self.mixed or sources is None:
                 return
-            grads: list[torch.Tensor | None] = [p.grad for p in self.params]
+            grads: list[Any] = [p.grad for p in self.params]
             before, self._before = self._before, None
             if before is not None:
                 grads = [
                     g if b is None or g is None else g - b
                     for g, b in zip(grads, before, strict=True)
                 ]
-            if not _present(grads):
-                return  # a parameter the backward did not reach: not done, settle gives up
-            per = len(self.params)
-            cut = per * (self.num - 1)
-            with torch.no_grad():
-                _copy_all(self._row(self.count), [*sources[:cut], *grads, *sources[cut:]])
+            for g in grads:
+                if g is None:
+                    return  # a parameter the backward did not reach: not done, settle gives up
+            grads += sources
+            if torch.is_grad_enabled():  # only under backward(create_graph=True)
+                with torch.no_grad():
+                    _copy_all(self._row(self.count), grads)
+            else:
+                _copy_all(self._row(self.count), grads)
             self.count += 1
             self.done = True
             if self.count == self.capacity:
@@ -215,8 +226,8 @@ class SteadySteps:
 
 
 class RawSteps:
-    """Steady steps as taken: per step the direct task gradients, ``g`` and the losses in
-    one row, and the host fields."""
+    """Steady steps as taken: per step ``g``, the direct task gradients and the losses in one
+    row, and the host fields."""
 
     __slots__ = ("rows", "hosts", "num", "width", "initial", "derived")
 
@@ -239,7 +250,9 @@ def reduce(raws: Sequence[RawSteps]) -> torch.Tensor:
     count = rows.shape[0]
     with torch.no_grad():
         matrix = rows[:, : num * width].view(count, num, width)
-        gram = torch.bmm(matrix, matrix.transpose(1, 2)).reshape(count, num * num)
+        gram = torch.bmm(matrix, matrix.transpose(1, 2))
+        order = [*range(1, num), 0]  # rows are g, then the direct tasks: direct first, g last
+        gram = gram[:, order][:, :, order].reshape(count, num * num)
         initial = first.initial.to(rows.dtype).expand(count, num)
         return torch.cat([gram, rows[:, num * width :], initial], 1)
 
