@@ -113,7 +113,7 @@ class SteadySteps:
             self._rows[k] = row
         return row
 
-    def add(self, losses: list[torch.Tensor], floats: list[float]) -> bool:
+    def add(self, losses: Sequence[torch.Tensor], floats: list[float]) -> bool:
         """Measure one steady step (before its backward); False (nothing armed) where it does
         not fit: the caller takes the general path."""
         nodes = [loss.grad_fn for loss in losses]
@@ -140,7 +140,8 @@ class SteadySteps:
             }
         self.hosts.append(host)
         self.done = self.mixed = False
-        self._nodes, self._sources = nodes, sources + losses
+        sources += losses
+        self._nodes, self._sources = nodes, sources
         self._armed += 1
         self._graph_task = None
         nodes[hooked].register_prehook(partial(self._prehook, self._armed))  # type: ignore[union-attr]
