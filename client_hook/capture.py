@@ -3,12 +3,16 @@
 `client_hook.sampler` decides which backward passes run on a sampled step; this module holds the
 pieces that capture and accumulate their gradients:
 
-* `BackwardCapture` and `ParamTap`: hooks that read ``c_i = d root / d L_i`` (on each loss) and
-  the combined gradient ``g`` (on each shared parameter) while the user's own ``backward()``
-  runs, without raising into it;
+* `GradReadout` (CPU parameters outside torch.distributed): reads ``c_i = d root / d L_i``
+  with pre-hooks on the losses' nodes and the combined gradient ``g`` from the parameters'
+  ``.grad`` in an engine callback at the end of the user's own ``backward()``: no hook on any
+  parameter, so no per-parameter Python call in any later backward;
+* `BackwardCapture` and `ParamTap` (elsewhere): hooks that read ``c_i`` (on each loss) and
+  ``g`` (on each shared parameter) while the user's own ``backward()`` runs; neither ever
+  raises into it;
 * `FlatGrads` (models up to `sampler.FLAT_MAX_NUMEL` shared elements): the gradients side by side
-  in the rows of one ``[rows, N]`` buffer (one foreach copy per task, one ``copy_`` per parameter
-  hook), so every norm and inner product comes from ONE matmul;
+  in the rows of one ``[rows, N]`` buffer (one foreach copy per task and one for ``g``), so
+  every norm and inner product comes from ONE matmul;
 * `GramWithTotal` (larger models): no gradient is copied; per-parameter Gram blocks are kept and
   summed on the delivery thread (`stats.derived_gram`).
 """

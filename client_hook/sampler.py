@@ -7,8 +7,10 @@ Two strategies give the same numbers (tests check both against plain ``torch.aut
   or where vmap cannot run the model (`GradMonitor`'s ``batched``);
 * **reuse the user's backward** (default, T >= 2): the training step's own ``backward()``
   already computes ``g = sum_i c_i g_i`` on the shared parameters, where
-  ``c_i = d root / d L_i`` (the task weight, times a loss scale if any). Hooks read ``c_i`` (on
-  each loss) and ``g`` (on each shared parameter) as that backward runs, so only T-1 task
+  ``c_i = d root / d L_i`` (the task weight, times a loss scale if any). Pre-hooks on the
+  losses' nodes read ``c_i``, and ``g`` is read from the parameters' ``.grad`` when that
+  backward has finished (`capture.GradReadout`, the CPU; hooks on each shared parameter,
+  `capture.BackwardCapture`, on accelerators and under torch.distributed), so only T-1 task
   gradients are computed directly and the last one is ``g_d = (g - sum_{i != d} c_i g_i) / c_d``:
   T-1 extra backward passes instead of T. ``d`` is the task with the largest ``|c_i| ||g_i||``
   (no cancellation). It is used only after a *verification* step (the first sampled step, then
@@ -23,12 +25,15 @@ Two strategies give the same numbers (tests check both against plain ``torch.aut
 
 Cost: on a small model a step is dominated by the number of tensor ops and Python hooks, not by
 FLOPs. Up to `FLAT_MAX_NUMEL` shared elements, the gradients are therefore written side by side
-into the rows of one ``[rows, N]`` buffer (`capture.FlatGrads`: one foreach copy per task, one
-``copy_`` per parameter hook) and every norm and inner product comes from ONE matmul. Above it,
-no gradient is copied: per-parameter Gram blocks are summed (`capture.GramWithTotal`,
-`stats.gram_matrix`). The hooks and buffers live in `client_hook.capture`. On the CPU the
-step's small result tensors are kept as they are (there is no device-to-host copy to batch) and
-concatenated on the delivery thread.
+into the rows of one ``[rows, N]`` buffer (`capture.FlatGrads`: one foreach copy per task and
+one for ``g``) and every norm and inner product comes from ONE matmul. Above it, no gradient is
+copied: per-parameter Gram blocks are summed (`capture.GramWithTotal`, `stats.gram_matrix`).
+The hooks and buffers live in `client_hook.capture`. On the CPU the step's small result
+tensors are kept as they are (there is no device-to-host copy to batch) and concatenated on
+the delivery thread. The common steady CPU step (float weights known to be the ``c_i``, flat
+buffer) goes to `steady.SteadySteps`: one engine call per direct task, one pre-hook, one copy
+per step into a buffer of many steps, whose Gram matrices come from one batched matmul on the
+delivery thread.
 """
 
 from __future__ import annotations

@@ -5,26 +5,28 @@ Once a verification step has found that the step's backward is ``sum_i c_i L_i``
 task gradients (one engine call each, `stats.task_grad`), the combined gradient ``g`` of the
 step's own backward, and the losses. `SteadySteps` takes them with:
 
-* the engine calls, whose results are kept as they are (fresh tensors nobody else holds);
-* ONE pre-hook on a direct task's loss node (it dies with the step's graph: nothing to
-  remove). That task reaches every shared parameter on this step, so no shared ``.grad`` can
-  have been written by the step's backward when the hook runs. It checks with the engine that
-  this is the step's own backward (every loss node and the first parameter's gradient
-  accumulator will execute: not a balancer's ``autograd.grad``, not a backward of other
-  losses), notes a ``.grad`` already there (accumulation), and queues an engine callback;
-* the callback, at the end of that backward: ONE ``_foreach_copy_`` of ``.grad`` (minus what
-  was there before) and of the losses into row k of a preallocated buffer.
+* the engine calls, whose results are kept until the callback copies them;
+* ONE pre-hook on the loss node of a direct task that reaches every shared parameter on this
+  step (it dies with the step's graph: nothing to remove). No shared ``.grad`` can have been
+  written by the step's backward when it runs: every path to those parameters passes that
+  loss's node. It checks with the engine that this is the step's own backward (every loss node
+  and the first parameter's gradient accumulator will execute: not a balancer's
+  ``autograd.grad``, not a backward of other losses), notes a ``.grad`` already there
+  (accumulation), and queues an engine callback;
+* the callback, at the end of that backward: ONE ``_foreach_copy_`` of ``g`` (``.grad`` minus
+  what was there before), the direct gradients and the losses into row k of a buffer of
+  `MAX_STEPS` rows.
 
-No statistic is computed per step. When the buffer is full or the epoch ends, `flush` turns
-all its steps into one `sampler.StepBlock` with a handful of tensor ops (stack the direct
-gradients, one batched matmul for the Gram matrices), exactly the numbers the general path
-(`sampler.StepSampler.measure`) would have packed step by step; the delivery thread computes
-the records from them as usual. Measured on the seeds' DualTaskMLP every step:
-bench/hook_overhead.py.
+No statistic is computed per step. When the buffer is full or the epoch ends, `flush` hands
+its rows (one copy) to the sampler as a `RawSteps`; `reduce` turns them into the packed numbers
+the general path (`sampler.StepSampler.measure`) would have made step by step, with ONE batched
+matmul, on the delivery thread, for every epoch queued since its last poll (larger buffers at
+once, on the training thread). Measured on the seeds' DualTaskMLP: bench/hook_overhead.py.
 
-Where a step does not fit (a direct task that misses a parameter, a loss without a node, a
-backward that never ran) the sampler takes its general path (`StepSampler`), which falls back
-or gives up with a warning; nothing here ever raises into the user's backward.
+Where a step does not fit (no direct task reaches every parameter, a loss without a node) the
+sampler takes its general path (`StepSampler`); a backward that never ran or never reached a
+parameter makes `StepSampler.settle` give up with a warning. Nothing here ever raises into the
+user's backward.
 """
 
 from __future__ import annotations
