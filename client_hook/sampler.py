@@ -248,11 +248,7 @@ def epoch_records(
         host_dicts = [
             h for _, i in members for h in (i.host if isinstance(i, StepBlock) else [i.host_fields])
         ]
-        host: dict[str, torch.Tensor | None] = {
-            name: torch.tensor([h[name] for h in host_dicts], dtype=torch.float64)
-            for name in host_names
-            if name != "derived"
-        }
+        host = _host_columns(host_dicts, host_names)
         try:
             matrix = _group_matrix([i for _, i in members])
             part = batch_stats.step_columns(matrix, len(tasks), packed_fields, host, derived)
@@ -284,6 +280,24 @@ def epoch_records(
         else {"epoch": epoch}
         for k, (epoch, steps) in enumerate(epochs)
     ]
+
+
+def _host_columns(host_dicts: list[dict], names: Sequence[str]) -> dict[str, torch.Tensor | None]:
+    """Per host field (but ``derived``), the steps' values as an ``[S, ...]`` float64 tensor;
+    one row broadcast where every step shares one dict (`steady.SteadySteps` keeps one while
+    the weights stay the same)."""
+    first = host_dicts[0]
+    shared = all(h is first for h in host_dicts)
+    out: dict[str, torch.Tensor | None] = {}
+    for name in names:
+        if name == "derived":
+            continue
+        if shared:
+            row = torch.tensor([first[name]], dtype=torch.float64)
+            out[name] = row.expand(len(host_dicts), *row.shape[1:])
+        else:
+            out[name] = torch.tensor([h[name] for h in host_dicts], dtype=torch.float64)
+    return out
 
 
 def _unpacked(item: SampledStep | StepBlock, tasks: Sequence[str]) -> list[stats.StepStats]:

@@ -149,6 +149,31 @@ def test_steady_blocks_match_independent_autograd(tmp_path, monkeypatch, max_ste
     assert not monitor.warn.messages
 
 
+def test_steady_steps_with_float_weights_that_change_match_independent_autograd(tmp_path):
+    """Float weights that change from step to step (each step's own c_i): the steady path
+    keeps them per step (and one shared dict only while they stay the same)."""
+    torch.manual_seed(0)
+    model = DualTaskMLP()
+    monitor = _monitor(tmp_path, model.shared, sample_every=1)
+    params = list(model.shared.parameters())
+    gen = torch.Generator().manual_seed(0)
+    refs = []
+    for step in range(12):
+        w = {"rul": 0.5, "health": 0.5} if step % 4 < 2 else {"rul": 0.2, "health": 1.3 + step}
+        losses = task_losses(model, make_batch(gen))
+        grads = {t: _flat_grad(losses[t], params) for t in TASKS}
+        refs.append({t: abs(w[t]) * float(grads[t].norm()) for t in TASKS})
+        monitor.observe(losses, weights=w)
+        (w["rul"] * losses["rul"] + w["health"] * losses["health"]).backward()
+        model.zero_grad()
+    monitor.close()
+    assert monitor.sampler._run is not None and not monitor.warn.messages
+    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
+    for task in TASKS:
+        want = sum(r[task] for r in refs) / len(refs)
+        assert math.isclose(record["tasks"][task]["weighted_grad_norm"], want, rel_tol=1e-5)
+
+
 def test_a_steady_step_without_its_backward_gives_up_and_keeps_the_others(tmp_path):
     """observe() with no backward after it: that step is dropped with a warning, the steady
     steps before it stay measured, and the next steps are measured directly."""
