@@ -199,6 +199,29 @@ def test_a_steady_step_without_its_backward_gives_up_and_keeps_the_others(tmp_pa
     assert math.isclose(record["tasks"]["health"]["grad_norm"], want, rel_tol=1e-5)
 
 
+def test_backward_with_create_graph_matches_independent_autograd(tmp_path, layout):
+    """``backward(create_graph=True)`` (a higher-order method): .grad carries a graph; what is
+    read is still this step's gradient, and the user's .grad is left as autograd made it."""
+    torch.manual_seed(0)
+    model = DualTaskMLP()
+    monitor = _monitor(tmp_path, model.shared, sample_every=1)
+    params = list(model.shared.parameters())
+    gen = torch.Generator().manual_seed(0)
+    norms = []
+    for _ in range(6):
+        losses = task_losses(model, make_batch(gen))
+        norms.append(_flat_grad(losses["health"], params).norm().item())
+        monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
+        (0.5 * losses["rul"] + 0.5 * losses["health"]).backward(create_graph=True)
+        assert all(p.grad is not None and p.grad.requires_grad for p in params)
+        model.zero_grad()
+    monitor.close()
+    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
+    want = sum(norms) / len(norms)
+    assert math.isclose(record["tasks"]["health"]["grad_norm"], want, rel_tol=1e-5)
+
+
 def test_the_grad_readout_hooks_no_parameter(tmp_path):
     """On the CPU the combined gradient is read from .grad at the end of the step's backward:
     no hook is ever registered on a shared parameter (each would cost a Python call per
