@@ -174,52 +174,59 @@ def test_steady_steps_with_float_weights_that_change_match_independent_autograd(
         assert math.isclose(record["tasks"][task]["weighted_grad_norm"], want, rel_tol=1e-5)
 
 
-def test_a_steady_step_without_its_backward_gives_up_and_keeps_the_others(tmp_path):
-    """observe() with no backward after it: that step is dropped with a warning, the steady
-    steps before it stay measured, and the next steps are measured directly."""
+def _health_norms(tmp_path: Path, steps: int, backward) -> tuple[GradMonitor, list[float]]:
+    """Sampled steps on DualTaskMLP; `backward(step, root)` runs the step's backward (or not:
+    False). Returns the monitor and the reference health-gradient norm of each step that ran."""
     torch.manual_seed(0)
     model = DualTaskMLP()
     monitor = _monitor(tmp_path, model.shared, sample_every=1)
     params = list(model.shared.parameters())
     gen = torch.Generator().manual_seed(0)
     norms = []
-    for step in range(5):
+    for step in range(steps):
         losses = task_losses(model, make_batch(gen))
+        norm = _flat_grad(losses["health"], params).norm().item()
         monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
-        if step == 2:
-            continue  # no backward
-        norms.append(_flat_grad(losses["health"], params).norm().item())
-        (0.5 * losses["rul"] + 0.5 * losses["health"]).backward()
+        if backward(step, 0.5 * losses["rul"] + 0.5 * losses["health"]) is not False:
+            norms.append(norm)
+            assert all(p.grad is not None for p in params)
         model.zero_grad()
     monitor.close()
-    assert not monitor.sampler.reuse_backward
-    assert any("did not reach" in m for m in monitor.warn.messages)
+    return monitor, norms
+
+
+def _assert_mean_health_norm(tmp_path: Path, norms: list[float]) -> None:
     _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
     want = sum(norms) / len(norms)
     assert math.isclose(record["tasks"]["health"]["grad_norm"], want, rel_tol=1e-5)
+
+
+def test_a_steady_step_without_its_backward_gives_up_and_keeps_the_others(tmp_path):
+    """observe() with no backward after it: that step is dropped with a warning, the steady
+    steps before it stay measured, and the next steps are measured directly."""
+
+    def backward(step: int, root: torch.Tensor) -> bool:
+        if step == 2:
+            return False  # no backward
+        root.backward()
+        return True
+
+    monitor, norms = _health_norms(tmp_path, 5, backward)
+    assert len(norms) == 4 and not monitor.sampler.reuse_backward
+    assert any("did not reach" in m for m in monitor.warn.messages)
+    _assert_mean_health_norm(tmp_path, norms)
 
 
 def test_backward_with_create_graph_matches_independent_autograd(tmp_path, layout):
     """``backward(create_graph=True)`` (a higher-order method): .grad carries a graph; what is
-    read is still this step's gradient, and the user's .grad is left as autograd made it."""
-    torch.manual_seed(0)
-    model = DualTaskMLP()
-    monitor = _monitor(tmp_path, model.shared, sample_every=1)
-    params = list(model.shared.parameters())
-    gen = torch.Generator().manual_seed(0)
-    norms = []
-    for _ in range(6):
-        losses = task_losses(model, make_batch(gen))
-        norms.append(_flat_grad(losses["health"], params).norm().item())
-        monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
-        (0.5 * losses["rul"] + 0.5 * losses["health"]).backward(create_graph=True)
-        assert all(p.grad is not None and p.grad.requires_grad for p in params)
-        model.zero_grad()
-    monitor.close()
+    read is still this step's gradient."""
+
+    def backward(step: int, root: torch.Tensor) -> None:
+        root.backward(create_graph=True)
+
+    monitor, norms = _health_norms(tmp_path, 6, backward)
     assert monitor.sampler.reuse_backward and not monitor.warn.messages
-    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
-    want = sum(norms) / len(norms)
-    assert math.isclose(record["tasks"]["health"]["grad_norm"], want, rel_tol=1e-5)
+    _assert_mean_health_norm(tmp_path, norms)
 
 
 def test_the_grad_readout_hooks_no_parameter(tmp_path):
