@@ -237,6 +237,38 @@ def _queue(callback: Callable[[], None]) -> None:
     QUEUE_CALLBACK(callback)
 
 
+def is_step_backward(nodes: Sequence[Any], accumulator: Any) -> bool:
+    """Inside a hook: the running backward executes every loss node (not a backward of other
+    losses) and writes .grad (the engine refuses the question inside an ``autograd.grad``)."""
+    assert WILL_EXECUTE is not None
+    try:
+        for node in nodes:
+            if not WILL_EXECUTE(node):
+                return False
+        return bool(WILL_EXECUTE(accumulator))
+    except (RuntimeError, TypeError):  # "... we are currently running autograd.grad()"
+        return False
+
+
+def grads_before(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None] | None:
+    """The ``.grad`` already there when the step's backward starts (clones: accumulation adds
+    in place); None when there is none, the usual case after ``zero_grad()``."""
+    for p in params:
+        if p.grad is not None:
+            return [None if q.grad is None else q.grad.detach().clone() for q in params]
+    return None
+
+
+def grads_since(
+    params: Sequence[torch.Tensor], before: list[torch.Tensor | None] | None
+) -> list[Any]:
+    """What the step's backward added to each ``.grad`` (None: it reached no gradient there)."""
+    grads: list[Any] = [p.grad for p in params]
+    if before is None:
+        return grads
+    return [g if b is None or g is None else g - b for g, b in zip(grads, before, strict=True)]
+
+
 class GradReadout:
     """The same reading as `BackwardCapture` without any hook on a parameter: ``c_i`` from
     pre-hooks on the losses' own autograd nodes (which die with the step's graph: nothing to
@@ -301,11 +333,7 @@ class GradReadout:
                 if not self._is_step_backward():
                     return  # e.g. a balancer's autograd.grad: not the step's backward
                 self.graph_task = task
-                grads = [p.grad for p in self.params]
-                for g in grads:
-                    if g is not None:  # accumulating: keep what was there before this backward
-                        self.before = [None if b is None else b.detach().clone() for b in grads]
-                        break
+                self.before = grads_before(self.params)
                 _queue(self._finish)
             elif task != self.graph_task:
                 self.mixed = True
@@ -316,18 +344,14 @@ class GradReadout:
             self.on_error(exc)
 
     def _is_step_backward(self) -> bool:
-        assert WILL_EXECUTE is not None
-        try:
-            return all(WILL_EXECUTE(n) for n in self.nodes) and bool(WILL_EXECUTE(self.accumulator))
-        except (RuntimeError, TypeError):  # the engine refuses a leaf inside autograd.grad
-            return False
+        return is_step_backward(self.nodes, self.accumulator)
 
     def _finish(self) -> None:
         """The engine callback, at the end of the step's backward (never raise)."""
         try:
             if self.dead or self.mixed:
                 return
-            grads = [p.grad for p in self.params]
+            grads = grads_since(self.params, self.before)
             if any(g is None for g in grads) or any(c is None for c in self.coeffs):
                 return  # incomplete: `settle` gives up (not done)
             present = cast(list[torch.Tensor], grads)
@@ -342,9 +366,6 @@ class GradReadout:
             self.losses = None
 
     def _deliver(self, grads: list[torch.Tensor]) -> None:
-        before = self.before
-        if before is not None:
-            grads = [g if b is None else g - b for g, b in zip(grads, before, strict=True)]
         if self.row is not None:
             _copy_all(list(self.row), grads)
         elif self.sinks is not None:

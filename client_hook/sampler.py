@@ -609,22 +609,21 @@ class StepSampler:
         for v in values:
             if type(v) is not float and type(v) is not int:  # tensors: the general path
                 return False
+        if not _have_nodes(loss_list):
+            return False
+        floats = [float(v) for v in values]
         run = self._run
         if run is not None:
-            floats = [float(v) for v in values]
             if run.add(loss_list, floats):
                 self._since_verify += 1
                 self.pending = run
                 return True
-            self._run = None  # its hooked task misses a parameter: the general path from now
+            self._run = None  # no direct task reaches every parameter: the general path
             run.flush()
-        if not _have_nodes(loss_list):
-            return False
         assert flat is not None
         self._since_verify += 1
         for row, task in enumerate(self._direct):
             flat.write(row, stats.task_grad(loss_list[task], self._inputs, self._plain_params))
-        floats = [float(v) for v in values]
         fields = {"weights": floats, "derived": (self._derived, None), "coeffs": floats}
         self.pending = self._capture(
             loss_list,
@@ -836,7 +835,7 @@ class StepSampler:
             )
 
     def _emit_block(self, raw: steady.RawSteps, now: bool) -> None:
-        block = PendingBlock(raw, (("weights", "derived", "coeffs"), (), raw.derived))
+        block = PendingBlock(raw, raw.key)
         if now:
             block.matrix  # noqa: B018 - computed here, on the training thread
         self.steps.append(block)

@@ -38,7 +38,14 @@ from typing import Any, cast
 import torch
 
 from client_hook import stats
-from client_hook.capture import WILL_EXECUTE, _copy_all, _queue, _task_id
+from client_hook.capture import (
+    _copy_all,
+    _queue,
+    _task_id,
+    grads_before,
+    grads_since,
+    is_step_backward,
+)
 
 # Bytes of gradients kept per buffer (direct rows + the combined row, all steps); steps
 # beyond it are flushed to a block early.
@@ -51,8 +58,8 @@ DEFER_BYTES = 1 << 20
 
 class SteadySteps:
     """Steady steps of one layout (T tasks, `direct` measured, `derived` from ``g``), kept in
-    a ``[capacity, N + T]`` buffer and flushed as `sampler.StepBlock` s (see the module
-    docstring). Duck-types the sampler's captures: `done`, `mixed`, `remove`."""
+    a ``[capacity, T N + T]`` buffer and handed on as `RawSteps` (see the module docstring).
+    Duck-types the sampler's captures: `done`, `mixed`, `remove`."""
 
     def __init__(
         self,
@@ -116,11 +123,8 @@ class SteadySteps:
         return row
 
     def add(self, losses: Sequence[torch.Tensor], floats: list[float]) -> bool:
-        """Measure one steady step (before its backward); False (nothing armed) where it does
-        not fit: the caller takes the general path."""
-        nodes = [loss.grad_fn for loss in losses]
-        if not _present(nodes):
-            return False
+        """Measure one steady step (before its backward; every loss has a node); False, with
+        nothing armed, where no direct task reaches every parameter on this step."""
         hooked = None
         sources: list[torch.Tensor] = []
         for i in self.direct:
@@ -143,6 +147,7 @@ class SteadySteps:
         self.hosts.append(host)
         self.done = self.mixed = False
         sources += losses
+        nodes = [loss.grad_fn for loss in losses]
         self._nodes, self._sources = nodes, sources
         self._armed += 1
         self._graph_task = None
@@ -159,16 +164,12 @@ class SteadySteps:
                 if task != self._graph_task:
                     self.mixed = True
                 return
-            if not _is_step_backward(self._nodes, self.accumulator):
+            assert self._nodes is not None
+            if not is_step_backward(self._nodes, self.accumulator):
                 return
             self._graph_task = task
             self._nodes = None  # no reference from us to the graph any more (no cycle)
-            before = None
-            for p in self.params:
-                if p.grad is not None:  # accumulating: keep what was there
-                    before = [None if g is None else g.detach().clone() for g in _grads(self)]
-                    break
-            self._before = before
+            self._before = grads_before(self.params)
             _queue(partial(self._finish, token))
         except Exception as exc:  # noqa: BLE001 - inside the user's backward: never raise
             self.on_error(exc)
@@ -179,13 +180,8 @@ class SteadySteps:
         try:
             if token != self._armed or self.mixed or sources is None:
                 return
-            grads: list[Any] = [p.grad for p in self.params]
             before, self._before = self._before, None
-            if before is not None:
-                grads = [
-                    g if b is None or g is None else g - b
-                    for g, b in zip(grads, before, strict=True)
-                ]
+            grads = grads_since(self.params, before)
             for g in grads:
                 if g is None:
                     return  # a parameter the backward did not reach: not done, settle gives up
@@ -242,6 +238,12 @@ class RawSteps:
     def __len__(self) -> int:
         return len(self.hosts)
 
+    @property
+    def key(self) -> tuple:
+        """The layout (`sampler.SampledStep.layout`): host field names, nothing packed
+        besides the Gram matrix and losses, the derived task."""
+        return (tuple(self.hosts[0]), (), self.derived)
+
 
 def reduce(raws: Sequence[RawSteps]) -> torch.Tensor:
     """The packed ``[S, K]`` matrix (`stats.pack_step` order: the Gram matrix of the direct
@@ -258,23 +260,6 @@ def reduce(raws: Sequence[RawSteps]) -> torch.Tensor:
         gram = gram[:, order][:, :, order].reshape(count, num * num)
         initial = first.initial.to(rows.dtype).expand(count, num)
         return torch.cat([gram, rows[:, num * width :], initial], 1)
-
-
-def _grads(steps: SteadySteps) -> list[torch.Tensor | None]:
-    return [p.grad for p in steps.params]
-
-
-def _is_step_backward(nodes: list[Any] | None, accumulator: Any) -> bool:
-    """The running backward executes every loss node (not a backward of other losses) and
-    writes .grad (the engine refuses the question inside an ``autograd.grad``)."""
-    assert nodes is not None and WILL_EXECUTE is not None
-    try:
-        for node in nodes:
-            if not WILL_EXECUTE(node):
-                return False
-        return bool(WILL_EXECUTE(accumulator))
-    except RuntimeError:  # "... we are currently running autograd.grad()"
-        return False
 
 
 def _present(items: Sequence[Any]) -> bool:

@@ -149,56 +149,51 @@ def test_steady_blocks_match_independent_autograd(tmp_path, monkeypatch, max_ste
     assert not monitor.warn.messages
 
 
-def test_steady_steps_with_float_weights_that_change_match_independent_autograd(tmp_path):
-    """Float weights that change from step to step (each step's own c_i): the steady path
-    keeps them per step (and one shared dict only while they stay the same)."""
+_HALF = {"rul": 0.5, "health": 0.5}
+
+
+def _steps(
+    tmp_path: Path, steps: int, backward, weights=lambda step: _HALF
+) -> tuple[GradMonitor, list[dict[str, float]]]:
+    """Sampled steps on DualTaskMLP with `weights(step)`; `backward(step, root)` runs the
+    step's backward on ``root = sum_i w_i L_i`` (or not: False). Returns the monitor and, per
+    step that ran, each task's reference gradient norm times its weight."""
     torch.manual_seed(0)
     model = DualTaskMLP()
     monitor = _monitor(tmp_path, model.shared, sample_every=1)
     params = list(model.shared.parameters())
     gen = torch.Generator().manual_seed(0)
     refs = []
-    for step in range(12):
-        w = {"rul": 0.5, "health": 0.5} if step % 4 < 2 else {"rul": 0.2, "health": 1.3 + step}
+    for step in range(steps):
+        w = weights(step)
         losses = task_losses(model, make_batch(gen))
-        grads = {t: _flat_grad(losses[t], params) for t in TASKS}
-        refs.append({t: abs(w[t]) * float(grads[t].norm()) for t in TASKS})
+        ref = {t: abs(w[t]) * _flat_grad(losses[t], params).norm().item() for t in TASKS}
         monitor.observe(losses, weights=w)
-        (w["rul"] * losses["rul"] + w["health"] * losses["health"]).backward()
+        if backward(step, w["rul"] * losses["rul"] + w["health"] * losses["health"]) is not False:
+            refs.append(ref)
+            assert all(p.grad is not None for p in params)
         model.zero_grad()
     monitor.close()
-    assert monitor.sampler._run is not None and not monitor.warn.messages
+    return monitor, refs
+
+
+def _assert_mean_weighted_norms(tmp_path: Path, refs: list[dict[str, float]]) -> None:
     _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
     for task in TASKS:
         want = sum(r[task] for r in refs) / len(refs)
         assert math.isclose(record["tasks"][task]["weighted_grad_norm"], want, rel_tol=1e-5)
 
 
-def _health_norms(tmp_path: Path, steps: int, backward) -> tuple[GradMonitor, list[float]]:
-    """Sampled steps on DualTaskMLP; `backward(step, root)` runs the step's backward (or not:
-    False). Returns the monitor and the reference health-gradient norm of each step that ran."""
-    torch.manual_seed(0)
-    model = DualTaskMLP()
-    monitor = _monitor(tmp_path, model.shared, sample_every=1)
-    params = list(model.shared.parameters())
-    gen = torch.Generator().manual_seed(0)
-    norms = []
-    for step in range(steps):
-        losses = task_losses(model, make_batch(gen))
-        norm = _flat_grad(losses["health"], params).norm().item()
-        monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
-        if backward(step, 0.5 * losses["rul"] + 0.5 * losses["health"]) is not False:
-            norms.append(norm)
-            assert all(p.grad is not None for p in params)
-        model.zero_grad()
-    monitor.close()
-    return monitor, norms
+def test_steady_steps_with_float_weights_that_change_match_independent_autograd(tmp_path):
+    """Float weights that change from step to step (each step's own c_i): the steady path
+    keeps them per step (and one shared dict only while they stay the same)."""
 
+    def weights(step: int) -> dict[str, float]:
+        return _HALF if step % 4 < 2 else {"rul": 0.2, "health": 1.3 + step}
 
-def _assert_mean_health_norm(tmp_path: Path, norms: list[float]) -> None:
-    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
-    want = sum(norms) / len(norms)
-    assert math.isclose(record["tasks"]["health"]["grad_norm"], want, rel_tol=1e-5)
+    monitor, refs = _steps(tmp_path, 12, lambda step, root: root.backward(), weights)
+    assert monitor.sampler._run is not None and not monitor.warn.messages
+    _assert_mean_weighted_norms(tmp_path, refs)
 
 
 def test_a_steady_step_without_its_backward_gives_up_and_keeps_the_others(tmp_path):
@@ -211,10 +206,10 @@ def test_a_steady_step_without_its_backward_gives_up_and_keeps_the_others(tmp_pa
         root.backward()
         return True
 
-    monitor, norms = _health_norms(tmp_path, 5, backward)
-    assert len(norms) == 4 and not monitor.sampler.reuse_backward
+    monitor, refs = _steps(tmp_path, 5, backward)
+    assert len(refs) == 4 and not monitor.sampler.reuse_backward
     assert any("did not reach" in m for m in monitor.warn.messages)
-    _assert_mean_health_norm(tmp_path, norms)
+    _assert_mean_weighted_norms(tmp_path, refs)
 
 
 def test_backward_with_create_graph_matches_independent_autograd(tmp_path, layout):
@@ -224,9 +219,9 @@ def test_backward_with_create_graph_matches_independent_autograd(tmp_path, layou
     def backward(step: int, root: torch.Tensor) -> None:
         root.backward(create_graph=True)
 
-    monitor, norms = _health_norms(tmp_path, 6, backward)
+    monitor, refs = _steps(tmp_path, 6, backward)
     assert monitor.sampler.reuse_backward and not monitor.warn.messages
-    _assert_mean_health_norm(tmp_path, norms)
+    _assert_mean_weighted_norms(tmp_path, refs)
 
 
 def test_the_grad_readout_hooks_no_parameter(tmp_path):
