@@ -10,35 +10,41 @@ forward + backward + ``opt.step()``:
 - ``naive``: the textbook diagnostic every step: one ``torch.autograd.grad`` per task, then
   ``torch.cat(grads).norm().item()`` per task (the seeds' ``total_norm``).
 
-Modes are interleaved (round-robin, order rotated each repetition) in ONE process, on ONE
-model instance per round (`Net`: what differs between modes is only the monitoring). An epoch is
-50 steps (so `default` measures exactly one step per epoch, amortised honestly) and ends with
-``end_epoch()``. A repetition runs, per mode, one untimed epoch (warm-up after the other modes),
-then a timed *stretch* of consecutive epochs lasting about ``--stretch`` seconds (2 s: two of
-the delivery thread's 1 s polls), ended by a ``flush()``. The record of each epoch is
-built on the delivery thread while training goes on, holding the GIL meanwhile, exactly as in
-a run: the stretch pays for its own epochs' records, and no mode's records are built during
-another mode's stretch. We report the median per-step time over repetitions, on two
-clocks: wall time, and the process's CPU time (every thread of it, so the monitor's delivery
-thread is counted too, but not the time other processes of a shared machine take the core).
-The repetitions are split over ``--rounds`` rounds, each with a freshly built model, optimiser
-and monitors.
+Modes are interleaved in ONE process, on ONE model instance per round (`Net`: what differs
+between modes is only the monitoring), in *turns*: ``--warm-steps`` untimed steps without
+monitoring (the model's caches warm again after the other modes; the monitor's stay as cold as
+they are between two sampled steps of a run), then ``--epochs`` timed epochs of 50 steps (so
+`default` measures exactly one step per epoch, amortised honestly), each ended by
+``end_epoch()``. A *cycle* gives every mode one turn, in a new random order each cycle. This
+machine's speed varies by +-15% between consecutive tenths of a second (two plain turns side
+by side: p10-p90 of their ratio 0.8-1.2x), so one pair of turns says little: turns are short
+(~0.1 s on DualTaskMLP), slow drift hits every mode alike, and the figures are medians over
+hundreds of cycles.
 
-    ratio(mode)    = median over repetitions of  time(mode) / time(plain)   (paired: same rep)
-    overhead(mode) = median over repetitions of  time(mode) - time(plain)   (per step)
+Each monitor's delivery thread works on its own poll, on the other core, every 5 s: its mode
+trains about 1/5 of the time, so it finds as many epochs per poll as the 1 s poll of a run in
+which one mode trains all the time. Its CPU time (read from the thread's own clock, over the
+epochs of the round's timed turns, all of which it delivered) is added to its mode's time per
+step as if it had run on the training thread: more than it costs a run with a spare core,
+never less. Two clocks: wall time, and the training thread's CPU time (what other processes of
+a shared machine take from the core is not in it); both include the delivery share. The cycles
+are split over ``--rounds`` rounds, each with a freshly built model, optimiser and monitors.
+
+    ratio(mode)    = median over cycles of  time(mode) / time(plain)   (paired: same cycle)
+    overhead(mode) = median over cycles of  time(mode) - time(plain)   (per step)
     naive/every    = overhead(naive) / overhead(every)   (how many times cheaper our every-step
                                                          measurement is than the naive one)
 
 The monitors write a local run file into a temporary folder: no network in the timings.
 
     .venv/bin/python bench/hook_overhead.py [--quick] [--device cpu|cuda] [--model small|wide]
-        [--reps N] [--rounds N] [--stretch SECONDS]
+        [--cycles N] [--rounds N] [--epochs N] [--warm-steps N]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import random
 import statistics
 import tempfile
 import time
@@ -114,18 +120,21 @@ class Mode:
                 local_path=folder / f"{name}-{tag}.jsonl",
             )
         self.weights = {"rul": 0.5, "health": 0.5}
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []
+        self.times: list[float] = []  # per timed turn: wall time per step (training thread)
+        self.cpu_times: list[float] = []  # the training thread's CPU time per step
+        self.timed_steps = 0
+        self._delivery_clock: int | None = None
+        self._delivery_start = 0.0
 
-    def step(self) -> None:
+    def step(self, monitored: bool = True) -> None:
         pred_rul, pred_health = self.model(self.x)
         losses = {
             "rul": F.mse_loss(pred_rul, self.y_rul),
             "health": F.cross_entropy(pred_health, self.y_health),
         }
-        if self.monitor is not None:
+        if monitored and self.monitor is not None:
             self.monitor.observe(losses, weights=self.weights)
-        elif self.name == "naive":
+        elif monitored and self.name == "naive":
             naive_norms(losses, self.params)
         (0.5 * losses["rul"] + 0.5 * losses["health"]).backward()
         self.opt.step()
@@ -137,24 +146,48 @@ class Mode:
         if self.monitor is not None:
             self.monitor.end_epoch()
 
-    def flush(self) -> None:
-        if self.monitor is not None:
-            self.monitor.flush()
-
-    def stretch(self, epochs: int, device: str) -> None:
-        """One untimed epoch and flush (warm-up after the other modes ran), then `epochs` timed
-        epochs and a flush."""
+    def turn(self, epochs: int, warm_steps: int, device: str) -> None:
+        """Untimed: `warm_steps` steps without monitoring (the model's caches warm again after
+        the other modes; the monitor's stay as cold as they are between two sampled steps of a
+        run). Timed: `epochs` epochs, each ended by ``end_epoch()``."""
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        self.epoch()
-        self.flush()
+        for _ in range(warm_steps):
+            self.step(monitored=False)
         sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         for _ in range(epochs):
             self.epoch()
-        self.flush()
         sync()
         self.times.append((time.perf_counter() - start) / (epochs * BLOCK))
-        self.cpu_times.append((time.process_time() - cpu_start) / (epochs * BLOCK))
+        self.cpu_times.append((time.thread_time() - cpu_start) / (epochs * BLOCK))
+        self.timed_steps += epochs * BLOCK
+
+    def start_delivery_clock(self) -> None:
+        """After the warm-up: from here on, the times count, and so does the delivery thread's
+        CPU time."""
+        self.times.clear()
+        self.cpu_times.clear()
+        self.timed_steps = 0
+        if self.monitor is None:
+            return
+        self.monitor.flush()
+        worker = self.monitor._worker
+        assert worker is not None and worker._thread is not None
+        # Each mode trains about 1/len(MODES) of the time: polling that much less often, the
+        # delivery thread finds as many epochs queued per poll as in a run, where one mode
+        # trains all the time (its fixed cost per poll is amortised as in a run)
+        worker.poll_interval *= len(MODES)
+        self._delivery_clock = time.pthread_getcpuclockid(worker._thread.ident or 0)
+        self._delivery_start = time.clock_gettime(self._delivery_clock)
+
+    def delivery_per_step(self) -> float:
+        """The delivery thread's CPU time since `start_delivery_clock`, per timed step (all of
+        it: every epoch it delivered since then was timed). Flushes first."""
+        if self.monitor is None or self._delivery_clock is None:
+            return 0.0
+        self.monitor.flush()
+        spent = time.clock_gettime(self._delivery_clock) - self._delivery_start
+        return spent / max(1, self.timed_steps)
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -164,19 +197,27 @@ class Mode:
 Series = dict[str, tuple[list[float], list[float]]]  # mode -> (wall, cpu) per-step times
 
 
-def summarise(series: Series, clock: str) -> None:
-    """Print per-mode medians on one clock. Paired per repetition (same moment, same machine
-    load), then the median over repetitions."""
+def summarise(series: Series, clock: str, delivered: dict[str, list[float]]) -> None:
+    """Print per-mode medians on one clock. Paired per cycle (the same fraction of a second,
+    the same machine load), then the median over cycles. `delivered`: per mode, the delivery
+    thread's CPU time per step in each round (included in the times)."""
     times = {name: wall if clock == "wall" else cpu for name, (wall, cpu) in series.items()}
     plain = times["plain"]
     print(f"  {clock} clock:")
     overhead = {}
     for name, values in times.items():
-        ratio = statistics.median([t / p for t, p in zip(values, plain, strict=True)])
+        ratios = [t / p for t, p in zip(values, plain, strict=True)]
+        ratio = statistics.median(ratios)
         overhead[name] = statistics.median([t - p for t, p in zip(values, plain, strict=True)])
+        spread = ""
+        if name != "plain" and len(ratios) >= 10:
+            deciles = statistics.quantiles(ratios, n=10)
+            spread = f"   cycles p10-p90 {deciles[0]:.3f}-{deciles[-1]:.3f}"
+        if delivered.get(name):
+            spread += f"; delivery {statistics.median(delivered[name]) * 1e6:.1f} us/step"
         print(
             f"    {name:8s} {statistics.median(values) * 1e3:9.3f} ms/step   "
-            f"ratio {ratio:5.3f}x   overhead {overhead[name] * 1e3:8.3f} ms"
+            f"ratio {ratio:5.3f}x   overhead {overhead[name] * 1e3:8.3f} ms{spread}"
         )
     print(
         f"    (control: a second plain mode, {overhead['control'] * 1e3:+.3f} ms: "
@@ -191,76 +232,91 @@ def summarise(series: Series, clock: str) -> None:
 
 
 def run_round(
-    widths: tuple[int, ...], reps: int, stretch_s: float, device: str, folder: Path, series: Series
-) -> int:
-    """Fresh instances of every mode, warmed up, then `reps` interleaved stretches. Returns the
-    epochs per stretch (from the plain mode's warm-up epochs)."""
+    widths: tuple[int, ...],
+    cycles: int,
+    epochs: int,
+    warm_steps: int,
+    device: str,
+    folder: Path,
+    series: Series,
+    delivered: dict[str, list[float]],
+    seed: int,
+) -> None:
+    """Fresh instances of every mode, warmed up, then `cycles` cycles in which every mode takes
+    one turn, in a new random order each cycle (no mode always follows the same one)."""
     net = Net(widths, device)
     tag = "x".join(map(str, widths))
     modes = [Mode(n, net, folder, tag) for n in MODES]
     for mode in modes:  # warm-up (allocator, first sampled step, verification)
-        mode.stretch(2, device)
-    epochs = max(1, math.ceil(stretch_s / (modes[0].times[-1] * BLOCK)))
+        mode.turn(2, warm_steps, device)
+        mode.start_delivery_clock()
+    order = random.Random(seed)
+    for _ in range(cycles):
+        for mode in order.sample(modes, len(modes)):
+            mode.turn(epochs, warm_steps, device)
     for mode in modes:
-        mode.times.clear()
-        mode.cpu_times.clear()
-    for rep in range(reps):
-        shift = rep % len(modes)
-        for mode in modes[shift:] + modes[:shift]:
-            mode.stretch(epochs, device)
-    for mode in modes:
+        # the delivery thread's work (on its own poll, as in a run) counted as if it ran on
+        # the training thread: a fixed cost per step of this round, added to every turn
+        delivery = mode.delivery_per_step()
         mode.close()
         wall, cpu = series.setdefault(mode.name, ([], []))
-        wall += mode.times
-        cpu += mode.cpu_times
-    return epochs
+        wall += [t + delivery for t in mode.times]
+        cpu += [t + delivery for t in mode.cpu_times]
+        if mode.monitor is not None:
+            delivered.setdefault(mode.name, []).append(delivery)
 
 
 def measure(
     label: str,
     widths: tuple[int, ...],
-    reps: int,
+    cycles: int,
     rounds: int,
-    stretch_s: float,
+    epochs: int,
+    warm_steps: int,
     device: str,
     folder: Path,
 ) -> None:
     series: Series = {}
-    per_round = max(1, reps // rounds)
-    epochs = [
-        run_round(widths, per_round, stretch_s, device, folder, series) for _ in range(rounds)
-    ]
+    delivered: dict[str, list[float]] = {}
+    per_round = max(1, cycles // rounds)
+    for k in range(rounds):
+        run_round(widths, per_round, epochs, warm_steps, device, folder, series, delivered, k)
     print(
-        f"\n{label}  ({rounds} round(s) x {per_round} interleaved stretches of "
-        f"{min(epochs)}-{max(epochs)} epochs x {BLOCK} steps, {device})"
+        f"\n{label}  ({rounds} round(s) x {per_round} cycles; a turn: {warm_steps} untimed "
+        f"steps, then {epochs} timed epoch(s) x {BLOCK} steps; {device})"
     )
-    summarise(series, "wall")
+    summarise(series, "wall", delivered)
     if device == "cpu":  # on an accelerator the host's CPU time says nothing about the step
-        summarise(series, "cpu")
+        summarise(series, "cpu", delivered)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer cycles (a smoke run)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--model", choices=["both", "small", "wide"], default="both")
+    parser.add_argument("--cycles", type=int, default=None, help="turns of every mode")
     parser.add_argument("--rounds", type=int, default=None, help="fresh instances this often")
-    parser.add_argument("--stretch", type=float, default=2.0, help="seconds per timed stretch")
+    parser.add_argument("--epochs", type=int, default=None, help="timed epochs per turn")
+    parser.add_argument("--warm-steps", type=int, default=10, help="untimed steps per turn")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.model in ("both", "small"):
-            reps = args.reps or (2 if args.quick else 12)
+            cycles = args.cycles or (4 if args.quick else 200)
             rounds = args.rounds or (1 if args.quick else 4)
             label = "DualTaskMLP 17->32, heads 1+3"
-            measure(label, (32,), reps, rounds, args.stretch, args.device, folder)
+            epochs = args.epochs or 2
+            measure(label, (32,), cycles, rounds, epochs, args.warm_steps, args.device, folder)
         if args.model in ("both", "wide"):
-            reps = args.reps or (2 if args.quick else 6)
+            cycles = args.cycles or (1 if args.quick else 18)
             rounds = args.rounds or (1 if args.quick else 3)
             label = "wide trunk 17->4x1024, heads 1+3"
-            measure(label, (1024,) * 4, reps, rounds, args.stretch, args.device, folder)
+            epochs = args.epochs or 1
+            measure(
+                label, (1024,) * 4, cycles, rounds, epochs, args.warm_steps, args.device, folder
+            )
 
 
 if __name__ == "__main__":
