@@ -48,6 +48,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ class DualTask(nn.Module):
         return self.head_rul(h).squeeze(-1), self.head_health(h)
 
 
-def naive_norms(losses: dict[str, torch.Tensor], params: list[torch.Tensor]) -> list[float]:
+def naive_norms(losses: dict[str, torch.Tensor], params: Sequence[torch.Tensor]) -> list[float]:
     """The seeds' per-task diagnostic: T separate backward passes and a host read per task."""
     norms = []
     for task in TASKS:
