@@ -178,6 +178,9 @@ class Mode:
         # delivery thread finds as many epochs queued per poll as in a run, where one mode
         # trains all the time (its fixed cost per poll is amortised as in a run)
         worker.poll_interval *= len(MODES)
+        if not hasattr(time, "pthread_getcpuclockid"):  # not on every platform (e.g. macOS)
+            print("  (no per-thread CPU clock here: the delivery thread is not counted)")
+            return
         self._delivery_clock = time.pthread_getcpuclockid(worker._thread.ident or 0)
         self._delivery_start = time.clock_gettime(self._delivery_clock)
 
