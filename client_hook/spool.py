@@ -3,12 +3,18 @@
 Spool (``GRADWATCH_SPOOL_DIR``, default ``.gradwatch/spool`` under the working directory)::
 
     <spool>/<run_id>/run.json             RunCreate payload + server URL, pid and host of the writer
-    <spool>/<run_id>/epoch-000000012.json one file per epoch not yet acknowledged by the server
+    <spool>/<run_id>/epoch-000000012.json one epoch not yet acknowledged by the server
+    <spool>/<run_id>/epochs-<seq>.json    several (a JSON list), written together
     <spool>/<run_id>/status.json          a final status not yet acknowledged
 
-Every epoch is written here *before* it is sent (write-ahead) and removed once the server
-acknowledged it, so a crash of the client or the server at any moment loses nothing; a resend is
-harmless because the server skips identical epochs. ``gradwatch sync`` delivers what is left.
+Every epoch is written here *before* it is sent (write-ahead) and its file removed once the
+server acknowledged every epoch in it, so a crash of the client or the server at any moment
+loses nothing; a resend is harmless because the server skips identical epochs. ``gradwatch
+sync`` delivers what is left. The delivery thread writes the epochs it takes in one poll as one
+``epochs-`` file (one fsync, not one per epoch: ~0.3 ms of CPU each on a 2-core machine, more
+than the rest of an epoch's delivery); the training thread, when the queue is full, writes one
+``epoch-`` file per epoch. Where two files hold the same epoch, the later one (in file-name
+order: single files first, then batches in the order written) wins.
 
 Local run file (no server configured): JSON lines ``{"kind": "run"|"epoch"|"status", ...}`` that
 ``gradwatch import FILE`` uploads later. Non-finite floats are written as the API's strings
@@ -17,16 +23,19 @@ Local run file (no server configured): JSON lines ``{"kind": "run"|"epoch"|"stat
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 SPOOL_ENV = "GRADWATCH_SPOOL_DIR"
+_BATCHES = itertools.count()  # names `epochs-` files written by this process
 _OPEN_HERE: set[str] = set()  # runs whose monitor in THIS process is not closed yet
 
 
@@ -140,24 +149,53 @@ class RunSpool:
     def _epoch_path(self, epoch: int) -> Path:
         return self.dir / f"epoch-{epoch:09d}.json"
 
-    def write_epoch(self, record: dict) -> None:
+    def write_epoch(self, record: dict) -> Path:
+        """One epoch in its own file (replacing an earlier one of the same epoch)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self._epoch_path(int(record["epoch"])), dumps(record))
+        path = self._epoch_path(int(record["epoch"]))
+        _atomic_write(path, dumps(record))
+        return path
 
-    def load_epochs(self) -> list[dict]:
+    def write_epochs(self, records: list[dict]) -> Path:
+        """Several epochs in one new file, with one fsync."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # time, then a per-process counter: file-name order is the order written
+        path = self.dir / f"epochs-{time.time_ns():020d}-{os.getpid()}-{next(_BATCHES):06d}.json"
+        _atomic_write(path, dumps(records))
+        return path
+
+    def spooled(self) -> list[tuple[Path, list[dict]]]:
+        """Every spool file with the epochs it holds, in file-name order (later wins)."""
         if not self.dir.is_dir():
             return []
-        records = []
-        for path in sorted(self.dir.glob("epoch-*.json")):
+        out = []
+        for path in sorted([*self.dir.glob("epoch-*.json"), *self.dir.glob("epochs-*.json")]):
             try:
-                records.append(json.loads(path.read_text(encoding="utf-8")))
-            except FileNotFoundError:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:  # another deliverer removed it meanwhile
                 continue
-        return records
+            out.append((path, data if isinstance(data, list) else [data]))
+        return out
+
+    def load_epochs(self) -> list[dict]:
+        """The spooled epochs, one record per epoch (the latest file's), by epoch."""
+        latest: dict[int, dict] = {}
+        for _, records in self.spooled():
+            for record in records:
+                latest[int(record["epoch"])] = record
+        return [latest[k] for k in sorted(latest)]
+
+    def remove_files(self, paths: Iterable[Path]) -> None:
+        for path in paths:
+            _unlink(path)
 
     def remove_epochs(self, epochs: Iterable[int]) -> None:
-        for epoch in epochs:
-            _unlink(self._epoch_path(int(epoch)))
+        """Remove every file that holds only these epochs (a file also holding another epoch
+        stays)."""
+        done = {int(e) for e in epochs}
+        for path, records in self.spooled():
+            if all(int(r["epoch"]) in done for r in records):
+                _unlink(path)
 
     def write_status(self, status: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +211,8 @@ class RunSpool:
         _unlink(self.dir / "status.json")
 
     def pending_epochs(self) -> int:
-        return len(list(self.dir.glob("epoch-*.json"))) if self.dir.is_dir() else 0
+        """How many distinct epochs the spool holds."""
+        return len({int(r["epoch"]) for _, records in self.spooled() for r in records})
 
     def discard(self) -> None:
         """Remove the folder once everything in it was acknowledged."""

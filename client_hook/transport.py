@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from client_hook.api import MAX_BATCH, RefusedError, RetryableError, RunUploader, deliver_spool
@@ -142,6 +143,10 @@ class HttpSink:
         self.backoff_cap = backoff_cap
         self.retry_after_cap = retry_after_cap
         self.pending: dict[int, dict] = {}
+        # the spool files that hold each pending epoch, and the epochs each file holds: a file
+        # is removed once the server acknowledged all of them
+        self._files_of: dict[int, set[Path]] = {}
+        self._held: dict[Path, set[int]] = {}
         self.status: str | None = None
         self.refused: str | None = None
         self.spilled = False  # set by the training thread after writing to the spool itself
@@ -165,18 +170,48 @@ class HttpSink:
         )
 
     def accept(self, record: dict) -> None:
+        self.accept_many([record])
+
+    def accept_many(self, records: list[dict]) -> None:
+        """Spool the records (one file, one fsync), then queue them for sending."""
+        if not records:
+            return
+        path: Path | None = None
         try:
-            self.spool.write_epoch(record)
+            if len(records) == 1:
+                path = self.spool.write_epoch(records[0])
+            else:
+                path = self.spool.write_epochs(records)
         except OSError as exc:
             self._spool_failed(exc)
         with self._lock:
-            self.pending[int(record["epoch"])] = record
+            for record in records:
+                epoch = int(record["epoch"])
+                self.pending[epoch] = record
+                self._track(epoch, path)
             if self._first_pending_at is None:
                 self._first_pending_at = time.monotonic()
 
-    def accept_many(self, records: list[dict]) -> None:
-        for record in records:
-            self.accept(record)
+    def _track(self, epoch: int, path: Path | None) -> None:
+        """`path` (None: the spool could not be written) holds `epoch`; under the lock."""
+        if path is not None:
+            self._files_of.setdefault(epoch, set()).add(path)
+            self._held.setdefault(path, set()).add(epoch)
+
+    def _acknowledged(self, epoch: int) -> None:
+        """The server has `epoch`: every file that held it keeps one epoch fewer, and goes
+        when it keeps none (under the lock)."""
+        for path in self._files_of.pop(epoch, ()):
+            held = self._held.get(path)
+            if held is None:
+                continue
+            held.discard(epoch)
+            if not held:
+                del self._held[path]
+                try:
+                    self.spool.remove_files([path])
+                except OSError as exc:  # left behind: a later resend is a duplicate
+                    self._spool_failed(exc)
 
     def spill(self, record: dict) -> None:
         """Called on the training thread when the queue is full: disk only, picked up later."""
@@ -209,9 +244,7 @@ class HttpSink:
             timeout = max(0.05, min(timeout, self.uploader.client.timeout))
         if self.spilled:
             self.spilled = False
-            for record in self.spool.load_epochs():
-                with self._lock:
-                    self.pending.setdefault(int(record["epoch"]), record)
+            self._load_spilled()
         try:
             while self.pending:
                 with self._lock:
@@ -219,11 +252,12 @@ class HttpSink:
                         self.pending[k] for k in sorted(self.pending)[: self.uploader.batch_size]
                     ]
                 self.uploader.send_epochs(batch, timeout=timeout)
-                epochs = [int(r["epoch"]) for r in batch]
-                self.spool.remove_epochs(epochs)
                 with self._lock:
-                    for epoch in epochs:
-                        self.pending.pop(epoch, None)
+                    for record in batch:
+                        epoch = int(record["epoch"])
+                        if self.pending.get(epoch) is record:  # not replaced meanwhile
+                            del self.pending[epoch]
+                            self._acknowledged(epoch)
             if self.status:
                 self.uploader.send_status(self.status, timeout=timeout)
                 self.spool.clear_status()
@@ -252,6 +286,18 @@ class HttpSink:
         if not self._orphans_checked:
             self._orphans_checked = True
             self._deliver_orphans()
+
+    def _load_spilled(self) -> None:
+        """Take what the training thread spooled itself (the queue was full) into `pending`:
+        every file not yet known, each epoch not already pending."""
+        for path, records in self.spool.spooled():
+            with self._lock:
+                if path in self._held:
+                    continue
+                for record in records:
+                    epoch = int(record["epoch"])
+                    self.pending.setdefault(epoch, record)
+                    self._track(epoch, path)  # removed when that epoch is acknowledged
 
     def _deliver_orphans(self) -> None:
         """Send what earlier, dead runs left in the same spool for the same server."""

@@ -20,7 +20,8 @@ class FakeApi:
         self.stored: list[tuple[str, int]] = []  # every (run, epoch) stored, in order
         self.statuses: dict[str, str] = {}
         self.requests: list[tuple[float, str, str, int]] = []  # (time, method, path, status)
-        self.faults: list[tuple[int, dict[str, str]]] = []  # answered first, in order
+        # answered first, in order (None: answer that request normally)
+        self.faults: list[tuple[int, dict[str, str]] | None] = []
         self.always: tuple[int, dict[str, str]] | None = None  # answered to every request
         self.fault_paths = re.compile(".*")
         self.hang_seconds = 0.0

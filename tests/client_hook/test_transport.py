@@ -195,16 +195,21 @@ def test_worker_starts_a_fresh_thread_in_a_forked_child(tmp_path):
     )
 
 
-def test_next_run_delivers_what_a_dead_run_left_in_the_spool(fake, tmp_path):
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
         text=True,
         check=True,
     )
+    return int(dead.stdout)
+
+
+def test_next_run_delivers_what_a_dead_run_left_in_the_spool(fake, tmp_path):
     old = RunSpool(tmp_path / "spool", "0b0c5c8e-4f0e-4a53-8f3a-7a4b7f0b3c11")
     old.write_meta({"id": old.run_id, "name": "old", "tasks": TASKS}, fake.url)
-    meta = old.read_meta() | {"pid": int(dead.stdout)}
+    meta = old.read_meta() | {"pid": _dead_pid()}
     (old.dir / "run.json").write_text(dumps(meta))
     for epoch in (0, 1):
         old.write_epoch({"epoch": epoch})
@@ -239,3 +244,69 @@ def test_monitor_flush_writes_the_ended_epochs(tmp_path):
     assert monitor.flush(timeout=5)
     assert sum('"kind":"epoch"' in line for line in path.read_text().splitlines()) == 1
     monitor.close()
+
+
+def _spool_files(sink: HttpSink) -> list[str]:
+    return sorted(p.name for p in sink.spool.dir.glob("epoch*.json"))
+
+
+def test_epochs_taken_together_are_spooled_in_one_file_removed_once_all_are_acknowledged(
+    fake, tmp_path
+):
+    """One file (one fsync) per batch the delivery thread takes; a file whose epochs were only
+    partly acknowledged stays, and what it holds is delivered later, each epoch once."""
+    fake.fault_paths = __import__("re").compile(".*/epochs")
+    sink = _sink(fake, tmp_path, batch_wait=0.0)
+    sink.uploader.batch_size = 2  # three requests for five epochs
+    fake.faults = [None, (503, {})]  # the first request goes through, the second fails
+    sink.accept_many([_Record(e).to_record() for e in range(5)])
+    (name,) = _spool_files(sink)
+    assert name.startswith("epochs-") and sink.spool.pending_epochs() == 5
+    with pytest.warns(GradwatchWarning, match="cannot deliver"):
+        sink.attempt()
+    assert sorted(fake.epochs[sink.uploader.run_id]) == [0, 1]
+    assert _spool_files(sink) == [name]  # 2, 3, 4 are still in it
+    assert sorted(sink.pending) == [2, 3, 4]
+    sink.accept(_Record(5).to_record())  # one epoch: its own file
+    assert len(_spool_files(sink)) == 2
+    sink._next_try_at = 0.0
+    sink.attempt()
+    assert not sink.pending and _spool_files(sink) == []
+    assert sorted(fake.epochs[sink.uploader.run_id]) == list(range(6))
+    assert len(fake.stored) == 6
+
+
+def test_a_spool_left_half_acknowledged_is_delivered_by_sync_without_duplicates(fake, tmp_path):
+    """The client dies after the server acknowledged part of a batch file: `gradwatch sync`
+    sends all of the file again; the server skips what it has; the spool is emptied."""
+    fake.fault_paths = __import__("re").compile(".*/epochs")
+    sink = _sink(fake, tmp_path, batch_wait=0.0)
+    sink.uploader.batch_size = 2
+    fake.faults = [None, (503, {})]
+    sink.accept_many([_Record(e).to_record() for e in range(4)])
+    with pytest.warns(GradwatchWarning):
+        sink.attempt()
+    assert sorted(fake.epochs[sink.uploader.run_id]) == [0, 1]
+    sink.spool.set_open(False)  # the process "died": its spool is an orphan now
+    meta = sink.spool.read_meta() | {"pid": _dead_pid()}
+    (sink.spool.dir / "run.json").write_text(dumps(meta))
+    assert sync_run(_sync_args(["--spool-dir", str(tmp_path / "spool")])) == 0
+    assert sorted(fake.epochs[sink.uploader.run_id]) == [0, 1, 2, 3] and len(fake.stored) == 4
+    assert not sink.spool.dir.exists()
+
+
+def test_spool_reads_single_and_batch_files_and_the_later_one_wins(tmp_path):
+    spool = RunSpool(tmp_path, "6a1c8d1e-36a4-4a38-9d59-1c2a2b43e0aa")
+    spool.write_epoch({"epoch": 1, "v": "single"})
+    spool.write_epochs([{"epoch": 0, "v": "a"}, {"epoch": 1, "v": "a"}])
+    spool.write_epochs([{"epoch": 1, "v": "b"}, {"epoch": 2, "v": "b"}])
+    assert spool.load_epochs() == [
+        {"epoch": 0, "v": "a"},
+        {"epoch": 1, "v": "b"},
+        {"epoch": 2, "v": "b"},
+    ]
+    assert spool.pending_epochs() == 3
+    spool.remove_epochs([1, 2])  # the file that also holds epoch 0 stays
+    assert spool.load_epochs() == [{"epoch": 0, "v": "a"}, {"epoch": 1, "v": "a"}]
+    spool.remove_epochs([0, 1])
+    assert spool.load_epochs() == [] and spool.pending_epochs() == 0
