@@ -39,6 +39,8 @@ class FakeApi:
 
             def _send(self, status: int, body: dict | None = None, headers=None) -> None:
                 data = json.dumps(body or {}).encode()
+                with fake.lock:  # before the answer: a client that has it sees the request here
+                    fake.requests.append((time.monotonic(), self.command, self.path, status))
                 self.send_response(status)
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
@@ -46,8 +48,6 @@ class FakeApi:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                with fake.lock:
-                    fake.requests.append((time.monotonic(), self.command, self.path, status))
 
             def _handle(self) -> None:
                 body = self._body()
