@@ -169,11 +169,11 @@ def deliver_spool(spool: RunSpool, url: str | None, token: str | None) -> tuple[
     target = url or meta.get("server_url") or os.environ.get(URL_ENV)
     if not target:
         raise ValueError(f"no server URL for spooled run {spool.run_id}; pass --server")
-    records = spool.load_epochs()
+    files = spool.spooled()
     status = spool.read_status() or "crashed"
     uploader = RunUploader(ApiClient(target, token), meta["run"])
-    accepted, duplicates = upload(uploader, records, status)
-    spool.remove_epochs(r["epoch"] for r in records)
+    accepted, duplicates = upload(uploader, spool.load_epochs(files), status)
+    spool.remove_files(path for path, _ in files)  # the files read: not one written since
     spool.clear_status()
     spool.discard()
     return accepted, duplicates, status

@@ -129,6 +129,9 @@ class SampledStep:
 # CPU): one step per epoch, 8 steps 0.68 vs 1.24 ms, 16 steps 1.23 vs 1.39 ms, 40 steps 2.67 vs
 # 2.35 ms; 50 steps in one epoch 1.51 vs 1.03 ms.
 BATCH_MIN_STEPS = 32
+# On the tensor path, a layout with fewer steps than this and no `StepBlock` is converted step
+# by step instead.
+GROUP_MIN_STEPS = 4
 # An epoch with at least this many loose CPU steps has its runs of half as many stacked at its
 # end (`compact`).
 COMPACT_MIN_STEPS = 8
@@ -158,11 +161,7 @@ class StepBlock:
 
     def unpack(self, tasks: Sequence[str]) -> list[stats.StepStats]:
         """Each step in Python floats, as `SampledStep.unpack` gives it."""
-        packed_fields = self.key[1]
-        return [
-            stats.step_stats(row, tasks, packed_fields, host)
-            for row, host in zip(self.matrix.tolist(), self.host, strict=True)
-        ]
+        return _rows_stats(self.matrix.tolist(), self.host, tasks, self.key[1])
 
 
 class PendingBlock(StepBlock):
@@ -247,13 +246,11 @@ def epoch_records(
     for key, members in groups.items():
         count = sum(len(i) for _, i in members)
         blocks = any(isinstance(i, StepBlock) for _, i in members)
-        if key is None or (count < BATCH_MIN_STEPS // 2 and not blocks):  # cheaper one by one
+        if key is None or (count < GROUP_MIN_STEPS and not blocks):  # cheaper one by one
             loose += members
             continue
         host_names, packed_fields, derived = key
-        host_dicts = [
-            h for _, i in members for h in (i.host if isinstance(i, StepBlock) else [i.host_fields])
-        ]
+        host_dicts = [h for _, i in members for h in _hosts(i)]
         host = _host_columns(host_dicts, host_names)
         try:
             matrix = _group_matrix([i for _, i in members])
@@ -288,6 +285,24 @@ def epoch_records(
     ]
 
 
+def _hosts(item: SampledStep | StepBlock) -> list[dict]:
+    """The host fields of each step of `item`."""
+    return item.host if isinstance(item, StepBlock) else [item.host_fields]
+
+
+def _rows_stats(
+    rows: Sequence[Sequence[float]],
+    hosts: Sequence[dict],
+    tasks: Sequence[str],
+    packed_fields: Sequence[str],
+) -> list[stats.StepStats]:
+    """`stats.step_stats` of each step: its packed row and its host fields."""
+    return [
+        stats.step_stats(row, tasks, packed_fields, host)
+        for row, host in zip(rows, hosts, strict=True)
+    ]
+
+
 def _python_records(
     tasks: Sequence[str],
     epochs: Sequence[tuple[int, Sequence[SampledStep | StepBlock]]],
@@ -309,13 +324,10 @@ def _python_records(
                 unpacked[id(item)] = _unpacked(item, tasks)
             continue
         assert key is not None
-        packed_fields, pos = key[1], 0
+        pos = 0
         for _, item in members:
-            hosts = item.host if isinstance(item, StepBlock) else [item.host_fields]
-            unpacked[id(item)] = [
-                stats.step_stats(row, tasks, packed_fields, host)
-                for row, host in zip(rows[pos : pos + len(hosts)], hosts, strict=True)
-            ]
+            hosts = _hosts(item)
+            unpacked[id(item)] = _rows_stats(rows[pos : pos + len(hosts)], hosts, tasks, key[1])
             pos += len(hosts)
     return [
         stats.epoch_record(epoch, tasks, [x for item in steps for x in unpacked[id(item)]])

@@ -177,10 +177,11 @@ class RunSpool:
             out.append((path, data if isinstance(data, list) else [data]))
         return out
 
-    def load_epochs(self) -> list[dict]:
-        """The spooled epochs, one record per epoch (the latest file's), by epoch."""
+    def load_epochs(self, files: list[tuple[Path, list[dict]]] | None = None) -> list[dict]:
+        """The spooled epochs (of `files`, default `spooled()`), one record per epoch (the
+        latest file's), by epoch."""
         latest: dict[int, dict] = {}
-        for _, records in self.spooled():
+        for _, records in self.spooled() if files is None else files:
             for record in records:
                 latest[int(record["epoch"])] = record
         return [latest[k] for k in sorted(latest)]
@@ -188,14 +189,6 @@ class RunSpool:
     def remove_files(self, paths: Iterable[Path]) -> None:
         for path in paths:
             _unlink(path)
-
-    def remove_epochs(self, epochs: Iterable[int]) -> None:
-        """Remove every file that holds only these epochs (a file also holding another epoch
-        stays)."""
-        done = {int(e) for e in epochs}
-        for path, records in self.spooled():
-            if all(int(r["epoch"]) in done for r in records):
-                _unlink(path)
 
     def write_status(self, status: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

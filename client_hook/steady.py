@@ -182,9 +182,8 @@ class SteadySteps:
                 return
             before, self._before = self._before, None
             grads = grads_since(self.params, before)
-            for g in grads:
-                if g is None:
-                    return  # a parameter the backward did not reach: not done, settle gives up
+            if not _present(grads):
+                return  # a parameter the backward did not reach: not done, settle gives up
             grads += sources
             if torch.is_grad_enabled():  # only under backward(create_graph=True)
                 with torch.no_grad():

@@ -306,7 +306,9 @@ def test_spool_reads_single_and_batch_files_and_the_later_one_wins(tmp_path):
         {"epoch": 2, "v": "b"},
     ]
     assert spool.pending_epochs() == 3
-    spool.remove_epochs([1, 2])  # the file that also holds epoch 0 stays
+    files = spool.spooled()
+    assert [len(records) for _, records in files] == [1, 2, 2]
+    spool.remove_files([files[-1][0]])  # the later batch gone: the earlier one is read again
     assert spool.load_epochs() == [{"epoch": 0, "v": "a"}, {"epoch": 1, "v": "a"}]
-    spool.remove_epochs([0, 1])
+    spool.remove_files(path for path, _ in files)
     assert spool.load_epochs() == [] and spool.pending_epochs() == 0
