@@ -1,19 +1,17 @@
 """`GradMonitor`: per-task gradient statistics of any multi-task PyTorch run, streamed to gradwatch.
 
-Cost model: ``observe`` on a non-sampled step is a few Python integer operations (no tensor op, no
-hook left registered). On a sampled step (the first step of every epoch, then every
-``sample_every`` steps) the per-task gradients come from T-1 extra backward passes (the T-th is
-read from the step's own backward; see `client_hook.sampler`), or from ONE vectorised backward for
-all T; on an accelerator every number is packed into one small tensor and copied off the device
-without waiting for it (on the CPU the few small result tensors are kept as they are); the
-delivery thread turns them into Python floats. The training thread never calls ``.item()`` (a
-verification step, one in 64 sampled steps, reads a few numbers once).
+Cost model: ``observe`` on a step that is not sampled is a few integer operations (no tensor op,
+no hook left registered). A sampled step computes T-1 task gradients (the T-th is read from the
+step's own backward; `client_hook.engine`) and keeps one small tensor per step; ``end_epoch``
+turns the epoch's samples into one record (one host read per epoch) and hands it to the
+delivery thread.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import sys
 import time
@@ -25,28 +23,16 @@ from typing import Any
 
 import torch
 
+from client_hook import gradstats
 from client_hook.api import TOKEN_ENV, URL_ENV, ApiClient, RunUploader, check_url
-from client_hook.sampler import SampledStep, StepBlock, StepSampler, epoch_record, epoch_records
+from client_hook.engine import StepSample, param_groups
+from client_hook.measure import StepMeasurer
 from client_hook.spool import RunSpool, default_spool_dir
 from client_hook.transport import DeliveryReport, DeliveryWorker, FileSink, HttpSink, WarnOnce
 
 EPOCH_VALUES = frozenset({"total_loss", "balancer_loss", "wall_time"})
 Number = float | int | torch.Tensor
-
-
-def _as_params(
-    shared: torch.nn.Module | torch.Tensor | Iterable[torch.Tensor],
-) -> list[torch.Tensor]:
-    params: list[torch.Tensor]
-    if isinstance(shared, torch.nn.Module):
-        params = [p for p in shared.parameters() if p.requires_grad]
-    elif isinstance(shared, torch.Tensor):
-        params = [shared]
-    else:
-        params = list(shared)
-    if not params:
-        raise ValueError("`shared` has no trainable parameters to monitor")
-    return params
+Shared = torch.nn.Module | torch.Tensor | Iterable[torch.Tensor] | Mapping[str, Any]
 
 
 def _rank() -> tuple[int, int]:
@@ -65,51 +51,36 @@ def _to_float(value: Any) -> float | None:
 
 
 class _Epoch:
-    """An epoch waiting for the delivery thread (`to_record` runs there)."""
+    """A finished epoch record on its way to the delivery thread."""
 
-    def __init__(
-        self,
-        epoch: int,
-        tasks: list[str],
-        steps: list[SampledStep | StepBlock],
-        values: dict[str, Any],
-        step_count: int,
-        wall_time: float,
-    ) -> None:
-        self.epoch, self.tasks, self.steps = epoch, tasks, steps
-        self.values, self.step_count, self.wall_time = values, step_count, wall_time
+    def __init__(self, record: dict) -> None:
+        self.record = record
 
     def to_record(self) -> dict:
-        return self._finish(epoch_record(self.epoch, self.tasks, self.steps))
+        return self.record
 
     @staticmethod
     def to_records(items: list[_Epoch]) -> list[dict]:
-        """`to_record` of several epochs of one run, their steps computed together (the
-        delivery thread converts whatever queued up since its last poll in one go)."""
-        records = epoch_records(items[0].tasks, [(i.epoch, i.steps) for i in items])
-        return [item._finish(record) for item, record in zip(items, records, strict=True)]
-
-    def _finish(self, record: dict) -> dict:
-        record["step_count"] = self.step_count
-        record["wall_time"] = self.wall_time
-        for key, value in self.values.items():
-            record[key] = _to_float(value)
-        return record
+        return [item.record for item in items]
 
 
 class GradMonitor:
     """Measure per-task gradients on the shared parameters and stream one record per epoch.
 
     Args:
-        shared: the shared trunk (all its trainable parameters are monitored) or a list of
-            parameters, e.g. ``model.shared[-2].parameters()`` for the last shared layer (GradNorm).
+        shared: the shared trunk: a module (its trainable parameters, grouped by direct child
+            module for the per-layer view), a mapping ``{group name: module or parameters}``,
+            or a list of parameters (one group), e.g. the last shared layer's (GradNorm).
         tasks: ordered, unique task names; ``observe`` takes one loss per name.
         run_name, project, config: shown on the dashboard (config must be JSON-serialisable;
             anything else is stored as its ``str``).
         server_url, token: default to ``GRADWATCH_URL`` / ``GRADWATCH_TOKEN``. With no URL at all
             the run is written to ``local_path`` (default ``.gradwatch/runs/<run_id>.jsonl``) for
             ``gradwatch import FILE --server URL``.
-        sample_every: measure the first step of each epoch and then every `sample_every` steps.
+        sample_every: measure the first optimizer step of each epoch, then every `sample_every`.
+        accumulation_steps: how many ``observe()`` calls (micro-batches) make one optimizer
+            step; the numbers then describe the step's whole batch (the mean of the
+            micro-batches' per-task gradients).
         run_id: a UUID; pass the id of an earlier run to resume it. Default: a new random UUID.
         initial_losses: ``L_i(0)`` per task for the loss ratio (e.g. ``{"health": math.log(3)}``);
             tasks left out use their first observed loss.
@@ -120,21 +91,14 @@ class GradMonitor:
             ``config["world_size"]`` set, its id derived as ``uuid5(run_id, "rank<r>")``.
         flush_timeout: the longest `close` waits for delivery.
         request_timeout: seconds before one HTTP request to a hanging server is given up.
-        batched: how several task gradients of one step are computed: True, in ONE vectorised
-            call (``autograd.grad(..., is_grads_batched=True)``, vmap over the backward); False,
-            one ``autograd.grad`` per task; None (default), vectorised on accelerators, where it
-            folds T kernel launches into one, and one call per task on the CPU, where vmap saves
-            no arithmetic and adds its own overhead (measured with 2 tasks, 1 thread, batch 256:
-            0.34 vs 0.20 ms on the seeds' DualTaskMLP, 4.3 vs 3.8 ms on a 3x256 trunk, equal
-            within noise on 4x1024). A model vmap cannot run falls back to one call per task.
         reuse_backward: read the combined gradient from the training step's own ``backward()``
-            so that only T-1 task gradients are computed (see `client_hook.sampler`; verified
-            against a full measurement, falls back by itself). False: always measure all T.
+            so that only T-1 task gradients are computed (`client_hook.engine`; verified, falls
+            back by itself). False: always compute all T.
     """
 
     def __init__(
         self,
-        shared: torch.nn.Module | torch.Tensor | Iterable[torch.Tensor],
+        shared: Shared,
         tasks: Sequence[str],
         run_name: str | None = None,
         project: str = "default",
@@ -144,6 +108,7 @@ class GradMonitor:
         config: Mapping[str, Any] | None = None,
         run_id: str | uuid.UUID | None = None,
         *,
+        accumulation_steps: int = 1,
         initial_losses: Mapping[str, float] | None = None,
         ratio_threshold: float | None = None,
         spool_dir: str | Path | None = None,
@@ -151,27 +116,25 @@ class GradMonitor:
         all_ranks: bool = False,
         flush_timeout: float = 10.0,
         request_timeout: float = 5.0,
-        batched: bool | None = None,
         reuse_backward: bool = True,
     ) -> None:
         self.tasks = list(tasks)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError("`tasks` must be a non-empty list of unique names")
-        if sample_every < 1:
-            raise ValueError("`sample_every` must be >= 1")
-        self.params = _as_params(shared)
+        if sample_every < 1 or accumulation_steps < 1:
+            raise ValueError("`sample_every` and `accumulation_steps` must be >= 1")
+        self.group_names, groups = param_groups(shared)
+        self.params = [p for group in groups for p in group]
         self.sample_every = int(sample_every)
+        self.accumulation_steps = int(accumulation_steps)
         self.flush_timeout = flush_timeout
         self.request_timeout = request_timeout
         self.warn = WarnOnce()
-        self.sampler = StepSampler(
-            self.tasks,
-            self.params,
-            initial_losses=initial_losses or {},
-            batched=batched,
-            reuse_backward=reuse_backward,
-            warn=self.warn,
+        self.measurer = StepMeasurer(
+            len(self.tasks), groups, reuse_backward=reuse_backward, warn=self.warn
         )
+        self.initial_losses = dict(initial_losses or {})
+        self._initial: list[float] | None = None
         self.rank, world_size = _rank()
         self.active = all_ranks or self.rank == 0
         base_id = uuid.UUID(str(run_id)) if run_id else uuid.uuid4()
@@ -197,7 +160,11 @@ class GradMonitor:
         if self.active:
             self._worker = DeliveryWorker(self._make_sink(token, spool_dir, local_path), self.warn)
         self.epoch = 0
-        self._step_in_epoch = 0
+        self.last_record: dict | None = None
+        self._samples: list[StepSample] = []
+        self._step_in_epoch = 0  # optimizer steps begun in this epoch
+        self._micro = 0  # micro-batches observed in the current optimizer step
+        self._sampled = False  # the current optimizer step is measured
         self._epoch_started_at: float | None = None
         self._closed = False
         self.report: DeliveryReport | None = None
@@ -222,50 +189,93 @@ class GradMonitor:
         *,
         extras: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record one step. Call BEFORE ``backward()`` (the graph is retained for it).
+        """Record one micro-batch (one step without accumulation). Call BEFORE its ``backward()``.
 
         ``weights`` are the w_i of the combined loss ``sum_i w_i L_i`` (default 1). ``extras``
         from a balancer: ``{"target_grad_norm": {task: t}, "balancer_loss": t,
         "task_weight": {task: t}}``.
         """
-        step = self._step_in_epoch
-        self._step_in_epoch = step + 1
-        if step == 0:
-            self._epoch_started_at = time.perf_counter()
-        sampled = not step % self.sample_every and self.active and not self._closed
-        if self.sampler.hooked:
-            # the previous sampled step's hooks have done their work (the parameters' hooks
-            # stay registered if this step is sampled too)
-            self.sampler.settle(next_sampled=sampled)
-        if not sampled:
-            return
+        micro = self._micro
+        if micro >= self.accumulation_steps:  # the previous optimizer step is complete
+            micro = 0
+            if self._sampled:
+                self._catch_up(end_step=True)
+        elif self.measurer.pending is not None:
+            self._catch_up()  # the previous micro-batch's backward has run
+        if not micro:
+            step = self._step_in_epoch
+            if not step:
+                self._epoch_started_at = time.perf_counter()
+            self._step_in_epoch = step + 1
+            self._sampled = not step % self.sample_every and self.active and not self._closed
+        self._micro = micro + 1
+        if self._sampled:
+            self._measure(losses, weights or {}, extras or {})
+
+    def _measure(
+        self, losses: Mapping[str, torch.Tensor], weights: Mapping[str, Any], extras: Mapping
+    ) -> None:
         try:
             loss_list = [losses[t] for t in self.tasks]
         except KeyError:
             missing = [t for t in self.tasks if t not in losses]
             raise ValueError(f"observe() is missing the loss of task(s) {missing}") from None
-        for loss in loss_list:
-            if not loss.requires_grad:
-                self.warn(
-                    "no_grad",
-                    "gradwatch: observe() got losses without a graph (under "
-                    "torch.no_grad()?); those steps are not measured",
-                )
-                return
+        if not all(loss.requires_grad for loss in loss_list):
+            self.warn(
+                "no_grad",
+                "gradwatch: observe() got losses without a graph (under torch.no_grad()?); "
+                "those steps are not measured",
+            )
+            self._sampled = False
+            self.measurer.discard()
+            return
+        by_task = {
+            name: [values.get(t, default) for t in self.tasks]
+            for name, values, default in (
+                ("reported_weights", extras.get("task_weight"), None),
+                ("target_grad_norm", extras.get("target_grad_norm"), math.nan),
+            )
+            if values is not None
+        }
+        if extras.get("balancer_loss") is not None:
+            by_task["balancer_loss"] = extras["balancer_loss"]
+        if "reported_weights" in by_task:
+            given = by_task["reported_weights"]
+            by_task["reported_weights"] = [
+                weights.get(t, 1.0) if v is None else v
+                for t, v in zip(self.tasks, given, strict=True)
+            ]
         try:
-            self.sampler.measure(loss_list, weights, extras)
+            self.measurer.observe(loss_list, [weights.get(t, 1.0) for t in self.tasks], by_task)
         except Exception as exc:  # noqa: BLE001 - statistics must never break training
+            self._sampled = False
+            self.measurer.discard()
             self.warn(
                 "sample",
-                f"gradwatch: could not measure a step ({exc!r}); steps like it "
-                "are skipped and training continues",
+                f"gradwatch: could not measure a step ({exc!r}); steps like it are skipped "
+                "and training continues",
             )
 
-    def end_epoch(self, epoch: int | None = None, **epoch_values: Number | None) -> int:
-        """Close the epoch and queue its record (never blocks). Returns the epoch's index.
+    def _catch_up(self, end_step: bool = False) -> None:
+        """Settle the pending micro-batch; with `end_step`, close the optimizer step."""
+        try:
+            self.measurer.settle()
+            if end_step:
+                self._micro = 0
+                if self._sampled:
+                    sample = self.measurer.finish_step()
+                    if sample is not None:
+                        self._samples.append(sample)
+        except Exception as exc:  # noqa: BLE001 - statistics must never break training
+            self.measurer.discard()
+            self.warn("sample", f"gradwatch: could not measure a step ({exc!r}); skipped")
 
-        ``epoch_values``: ``total_loss``, ``balancer_loss``, ``wall_time`` (floats or tensors; read
-        on the delivery thread). ``epoch`` sets the index explicitly (e.g. when resuming).
+    def end_epoch(self, epoch: int | None = None, **epoch_values: Number | None) -> int:
+        """Close the epoch and queue its record. Returns the epoch's index (from 0).
+
+        ``epoch_values``: ``total_loss``, ``balancer_loss``, ``wall_time`` (floats or tensors).
+        ``epoch`` sets the index explicitly (e.g. when resuming). The record is also kept as
+        `last_record` (what the dashboard will show for this epoch).
         """
         unknown = set(epoch_values) - EPOCH_VALUES
         if unknown:
@@ -273,18 +283,39 @@ class GradMonitor:
                 f"end_epoch() got unknown value(s) {sorted(unknown)}; "
                 f"accepted: {sorted(EPOCH_VALUES)}"
             )
+        if self._micro:
+            self._catch_up(end_step=True)  # an epoch also ends an unfinished accumulation
         index = self.epoch if epoch is None else int(epoch)
         started = self._epoch_started_at
-        wall = time.perf_counter() - started if started is not None else 0.0
-        values = {
-            k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in epoch_values.items()
-        }
-        item = _Epoch(index, self.tasks, self.sampler.take(), values, self._step_in_epoch, wall)
+        record = self._record(index)
+        record["step_count"] = self._step_in_epoch
+        record["wall_time"] = time.perf_counter() - started if started is not None else 0.0
+        for key, value in epoch_values.items():
+            record[key] = _to_float(value)
+        self.last_record = record
         self._step_in_epoch, self._epoch_started_at = 0, None
         self.epoch = index + 1
         if self._worker is not None and not self._closed:
-            self._worker.submit(item)
+            self._worker.submit(_Epoch(record))
         return index
+
+    def _record(self, index: int) -> dict:
+        samples, self._samples = self._samples, []
+        try:
+            steps = [self._numbers(s) for s in samples]
+            return gradstats.epoch_record(index, self.tasks, self.group_names, steps)
+        except Exception as exc:  # noqa: BLE001 - statistics must never break training
+            self.warn("record", f"gradwatch: could not compute an epoch's numbers ({exc!r})")
+            return {"epoch": index}
+
+    def _numbers(self, sample: StepSample) -> gradstats.StepNumbers:
+        values = sample.numbers(len(self.group_names), len(self.tasks))
+        if self._initial is None:
+            self._initial = [
+                float(self.initial_losses.get(t, loss))
+                for t, loss in zip(self.tasks, values["losses"], strict=True)
+            ]
+        return gradstats.StepNumbers(initial_losses=self._initial, **values)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every ended epoch has been handed on by the delivery thread: written to
@@ -309,7 +340,7 @@ class GradMonitor:
         if status == "finished" and self._step_in_epoch:
             self.end_epoch()  # the last epoch was never closed: send what was measured
         self._closed = True
-        self.sampler.discard()
+        self.measurer.discard()
         atexit.unregister(self._at_exit)
         if self._worker is None:
             return None

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from client_hook import gradstats
 from server import alerts, epoch_blocks, models, schemas
 from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
@@ -188,18 +189,6 @@ def _pack(values: tuple[Any, ...]) -> tuple[bytes, bool]:
     return struct.pack(f"<{len(floats)}d", *floats) + bytes([v is None for v in values]), non_finite
 
 
-def _ratio(norms: list[float]) -> float | None:
-    """max/min of the task gradient norms; 0/0 and NaN inputs give NaN, x/0 gives +Inf."""
-    if len(norms) < 2:
-        return None
-    if any(math.isnan(g) for g in norms):
-        return math.nan
-    hi, lo = max(norms), min(norms)
-    if lo == 0:
-        return math.nan if hi == 0 else math.inf
-    return math.nan if math.isinf(lo) else hi / lo
-
-
 def _prepare(
     i: int, rec: schemas.EpochRecord, run_key: Any, tasks: dict[str, tuple[int, int]], sqlite: bool
 ) -> Prepared:
@@ -245,15 +234,10 @@ def _prepare(
         # The imbalance the optimiser follows is between the WEIGHTED gradients; with equal
         # (or unreported) weights that is the plain norm ratio.
         source = weighted if weighted and None not in weighted.values() else norms
-        ratio = _ratio([g for g in source.values() if g is not None])
+        ratio = gradstats.grad_norm_ratio(list(source.values()))
     min_cos = rec.min_cosine
-    if min_cos is None and cosine_rows:
-        measured = [r[-1] for r in cosine_rows if r[-1] is not None]
-        min_cos = (
-            (math.nan if any(math.isnan(v) for v in measured) else min(measured))
-            if measured
-            else None
-        )
+    if min_cos is None:
+        min_cos = gradstats.min_cosine([r[-1] for r in cosine_rows])
     values_list = list(_epoch_values(rec))
     values_list[0], values_list[2] = ratio, min_cos  # EPOCH_FIELDS order
     epoch_values = tuple(values_list)

@@ -99,6 +99,15 @@ class PairCosine(ApiModel):
     value: Metric
 
 
+class GroupEpoch(ApiModel):
+    """One parameter group's numbers for one epoch (a part of the shared trunk, e.g. a layer)."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    grad_norm: dict[TaskName, Metric] = Field(description="Per task, ||grad_group L_i||_2.")
+    grad_norm_ratio: Metric = Field(None, description="max/min of the group's weighted norms.")
+    min_cosine: Metric = Field(None, description="The group's most conflicting pair.")
+
+
 class EpochRecord(ApiModel):
     epoch: int = Field(ge=0)
     tasks: dict[TaskName, TaskEpoch] = Field(
@@ -117,6 +126,9 @@ class EpochRecord(ApiModel):
     balancer_loss: Metric = Field(None, description="E.g. GradNorm's L_grad.")
     wall_time: Metric = Field(None, description="Seconds the epoch took.")
     step_count: int | None = Field(None, ge=0)
+    groups: list[GroupEpoch] | None = Field(
+        None, max_length=64, description="Per parameter group (layer) of the shared trunk."
+    )
 
 
 class EpochBatch(ApiModel):

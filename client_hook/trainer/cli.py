@@ -124,9 +124,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     final = result.final
     metrics = " ".join(f"{k}={v:.4g}" for k, v in final.metrics.items())
+    ratio = "-" if final.grad_norm_ratio is None else f"{final.grad_norm_ratio:.3g}x"
     print(
-        f"done: {config.dataset} {config.method} seed {config.seed}: {metrics}, "
-        f"grad ratio {final.grad_norm_ratio:.3g}x"
+        f"done: {config.dataset} {config.method} seed {config.seed}: {metrics}, grad ratio {ratio}"
     )
     return 0
 

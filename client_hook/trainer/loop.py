@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from client_hook import gradstats
 from client_hook.balancers import Balancer, make_balancer
 from client_hook.trainer.progress import ProgressBar
 
@@ -64,7 +65,7 @@ class EpochSummary:
     train_loss: dict[str, float]
     weights: dict[str, float]
     metrics: dict[str, float]
-    grad_norm_ratio: float
+    grad_norm_ratio: float | None  # the epoch's record's (the dashboard's) when monitored
     seconds: float
 
 
@@ -113,7 +114,7 @@ def build_problem(config: TrainConfig, device: torch.device) -> Any:
     raise ValueError(f"unknown dataset {config.dataset!r}")
 
 
-def weighted_grad_norm_ratio(problem: Any, weights: dict[str, Tensor]) -> float:
+def weighted_grad_norm_ratio(problem: Any, weights: dict[str, Tensor]) -> float | None:
     """max_i / min_i of ||grad_shared (w_i L_i)|| over ALL shared parameters, on one probe batch."""
     x, targets = problem.probe()
     losses = problem.losses(problem.model(x), targets)
@@ -125,8 +126,11 @@ def weighted_grad_norm_ratio(problem: Any, weights: dict[str, Tensor]) -> float:
         )
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads))))
         norms.append(norm * weights[task].to(norm.device).abs())
-    stacked = torch.stack(norms)
-    return float(stacked.max() / stacked.min().clamp_min(1e-30))
+    return gradstats.grad_norm_ratio(torch.stack(norms).tolist())
+
+
+def _ratio_text(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.3g}x"
 
 
 def _fmt(values: dict[str, float]) -> str:
@@ -233,10 +237,13 @@ def _run_epoch(
     mean_loss = (loss_sum / max(steps, 1)).tolist()  # the epoch's one sync
     weights = balancer.weights
     metrics = problem.evaluate()
-    ratio = weighted_grad_norm_ratio(problem, weights)
     if monitor is not None:
         extra = {} if balancer_loss_sum is None else {"balancer_loss": balancer_loss_sum / steps}
         monitor.end_epoch(total_loss=total_sum / max(steps, 1), **extra)
+        # the number the dashboard shows for this epoch, so that both always agree
+        ratio = monitor.last_record.get("grad_norm_ratio")
+    else:
+        ratio = weighted_grad_norm_ratio(problem, weights)
     return EpochSummary(
         epoch=epoch,
         train_loss=dict(zip(balancer.tasks, mean_loss, strict=True)),
@@ -249,7 +256,7 @@ def _run_epoch(
 
 def _summary_line(summary: EpochSummary, epochs: int) -> str:
     return (
-        f"epoch {summary.epoch + 1:>3}/{epochs}  loss {_fmt(summary.train_loss)}  "
+        f"epoch {summary.epoch:>3}/{epochs - 1}  loss {_fmt(summary.train_loss)}  "
         f"w {_fmt(summary.weights)}  {_fmt(summary.metrics)}  "
-        f"grad ratio {summary.grad_norm_ratio:.3g}x  {summary.seconds:.1f}s"
+        f"grad ratio {_ratio_text(summary.grad_norm_ratio)}  {summary.seconds:.1f}s"
     )

@@ -39,9 +39,8 @@ WORKER = textwrap.dedent("""
                 opt.step()
                 opt.zero_grad()
             monitor.end_epoch()
-        # DDP's reducer may still be writing .grad when a backward's callbacks run: the
-        # combined gradient is read with parameter hooks here, not from .grad
-        assert not monitor.sampler._readout and monitor.sampler._run is None
+        # the combined gradient is read from the backward's own pass, before DDP averages it
+        assert monitor.measurer.reuse
         assert not monitor.warn.messages, monitor.warn.messages
     # DDP averaged the gradients: both ranks must hold identical parameters
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])

@@ -86,8 +86,8 @@ def test_non_sampled_steps_run_no_tensor_op(tmp_path):
     counter = OpCounter()
     for step in range(50):
         losses = task_losses(model, make_batch(gen))
-        if step == 0:
-            monitor.observe(losses)  # sampled
+        if step < 2:  # step 0 is sampled; step 1's observe() completes it
+            monitor.observe(losses)
         else:
             with counter:
                 monitor.observe(losses, weights={"rul": 0.5, "health": 0.5})
@@ -119,7 +119,7 @@ def test_sampled_steps_read_no_value_on_the_training_thread(tmp_path, host_reads
     counter = OpCounter()
     for step in range(6):
         losses = task_losses(model, make_batch(gen))
-        if step == 1:  # step 0 may be a verification step (one read, inside backward)
+        if step == 2:  # step 1's observe() completes the verification step 0 (one read)
             host_reads.clear()
             counter.__enter__()
         monitor.observe(losses, weights={"rul": torch.tensor(0.3), "health": 0.7})
@@ -127,7 +127,7 @@ def test_sampled_steps_read_no_value_on_the_training_thread(tmp_path, host_reads
     counter.__exit__(None, None, None)
     assert host_reads == []
     assert not [op for op in counter.ops if "_local_scalar_dense" in op]
-    assert monitor.sampler.measured == 6
+    assert len(monitor._samples) == 5  # the sixth is completed by end_epoch()
     monitor.close()
 
 
@@ -148,50 +148,12 @@ def test_user_gradients_are_unchanged_by_observe(tmp_path):
             out += [p.grad.clone() for p in model.parameters()]
             model.zero_grad()
         if monitor is not None:
-            assert monitor.sampler.reuse_backward and monitor.sampler.measured == 3
+            assert monitor.measurer.reuse and not monitor.warn.messages
             monitor.close()
         return out
 
     for a, b in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-class _ClipByItem(torch.autograd.Function):
-    """Reads a value in backward: vmap (batched gradients) cannot run it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * (1.0 if float(grad.abs().max()) < 1e9 else 0.0)
-
-
-def test_model_without_batched_grads_falls_back_and_warns_once(tmp_path):
-    torch.manual_seed(0)
-    model = DualTaskMLP()
-    monitor = _monitor(tmp_path, model, sample_every=1, batched=True)
-    gen = torch.Generator().manual_seed(0)
-    refs = []
-    with pytest.warns(GradwatchWarning, match="batched gradients") as caught:
-        for _ in range(3):
-            x, y_rul, y_health = make_batch(gen)
-            h = _ClipByItem.apply(model.shared(x))
-            losses = {
-                "rul": torch.nn.functional.mse_loss(model.head_rul(h).squeeze(-1), y_rul),
-                "health": torch.nn.functional.cross_entropy(model.head_health(h), y_health),
-            }
-            refs.append(
-                reference_step(losses, list(model.shared.parameters()), {t: 1.0 for t in TASKS})
-            )
-            monitor.observe(losses)
-            (losses["rul"] + losses["health"]).backward()
-        monitor.close()
-    assert len([w for w in caught if issubclass(w.category, GradwatchWarning)]) == 1
-    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
-    want = sum(r["grad_norm"]["health"] for r in refs) / 3
-    assert math.isclose(record["tasks"]["health"]["grad_norm"], want, rel_tol=1e-5)
 
 
 def _status_after(tmp_path: Path, exc: BaseException | None) -> str | None:
@@ -349,7 +311,7 @@ def test_loss_scaling_in_backward_is_read_not_mistaken(tmp_path):
     records, expected, monitor = _trained_records(tmp_path, root=lambda model, total: total * 4.0)
     for got, want in zip(records, expected, strict=True):
         assert_record_matches(got, want)
-    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    assert monitor.measurer.reuse and not monitor.warn.messages
 
 
 def test_penalty_in_the_loss_is_detected_and_every_task_measured_directly(tmp_path):
@@ -360,7 +322,7 @@ def test_penalty_in_the_loss_is_detected_and_every_task_measured_directly(tmp_pa
         records, expected, monitor = _trained_records(tmp_path, root=with_penalty)
     for got, want in zip(records, expected, strict=True):
         assert_record_matches(got, want)
-    assert not monitor.sampler.reuse_backward
+    assert not monitor.measurer.reuse
 
 
 def test_three_tasks_read_from_the_backward_match_autograd(tmp_path):
@@ -395,7 +357,7 @@ def test_three_tasks_read_from_the_backward_match_autograd(tmp_path):
         monitor.observe(losses, weights=weights)
         sum(weights[n] * losses[n] for n in names).backward()
     monitor.close()
-    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    assert monitor.measurer.reuse and not monitor.warn.messages
     _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
     for k, name in enumerate(names):
         want = sum(step[k] for step in norms) / len(norms)
@@ -429,29 +391,6 @@ def _steps_with_foreign_backward(
     return monitor, refs
 
 
-@pytest.fixture
-def param_hooks(monkeypatch):
-    """Read the step's backward with hooks on the shared parameters (`BackwardCapture`, the
-    accelerator / torch.distributed path) instead of ``.grad`` at its end (`GradReadout`)."""
-    from client_hook import sampler
-
-    monkeypatch.setattr(sampler, "readout_supported", lambda params: False)
-
-
-def test_extra_backward_between_observe_and_step_is_detected(tmp_path, param_hooks):
-    """Coefficients read by hooks on the losses (here the backward is 3x the weighted sum): a
-    balancer-like autograd.grad after observe() mixes passes on the parameter hooks; that
-    step is dropped, not mis-measured."""
-    with pytest.warns(GradwatchWarning, match="another backward pass"):
-        monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale=3.0)
-    assert not monitor.sampler.reuse_backward
-    _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
-    kept = [refs[0], refs[2], refs[3]]  # step 1 was dropped, not mis-measured
-    for task in TASKS:
-        want = sum(r["grad_norm"][task] for r in kept) / len(kept)
-        assert math.isclose(record["tasks"][task]["grad_norm"], want, rel_tol=1e-5)
-
-
 def _assert_all_steps_measured(tmp_path: Path, refs: list) -> None:
     _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
     for task in TASKS:
@@ -472,67 +411,13 @@ def _assert_all_steps_measured(tmp_path: Path, refs: list) -> None:
     ],
     ids=["one-loss", "all-losses"],
 )
-def test_extra_backward_is_skipped_by_the_grad_readout(tmp_path, root_scale, foreign):
-    """Reading .grad at the end of the step's backward: an autograd.grad after observe() (even
-    one through every observed loss) writes no .grad; the engine says so and that pass is
-    skipped: every step is measured, exactly, with no warning."""
+def test_extra_backward_between_observe_and_step_is_told_apart(tmp_path, root_scale, foreign):
+    """A balancer-like autograd.grad after observe() (through one observed loss, or through
+    all of them) is another pass: the step's own backward is read, every step is measured,
+    exactly, with no warning."""
     monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale, foreign)
-    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    assert monitor.measurer.reuse and not monitor.warn.messages
     _assert_all_steps_measured(tmp_path, refs)
-
-
-@pytest.mark.parametrize("reading", ["readout", "hooks"])
-def test_extra_backward_is_skipped_when_the_weights_are_the_coefficients(
-    tmp_path, monkeypatch, reading
-):
-    """Weights equal to the backward's c_i: no loss hooks; the engine says the balancer's pass
-    does not run through the observed losses, so it is skipped and the step's own backward
-    is measured."""
-    if reading == "hooks":
-        from client_hook import sampler
-
-        monkeypatch.setattr(sampler, "readout_supported", lambda params: False)
-    monitor, refs = _steps_with_foreign_backward(tmp_path, root_scale=1.0)
-    assert monitor.sampler.reuse_backward and not monitor.warn.messages
-    _assert_all_steps_measured(tmp_path, refs)
-
-
-def _hooked_losses_per_step(tmp_path: Path, weights, root, steps: int = 4) -> list[int]:
-    """Train `steps` sampled steps; per step, how many loss hooks the pending capture holds."""
-    torch.manual_seed(0)
-    model = DualTaskMLP()
-    monitor = _monitor(tmp_path, model, sample_every=1)
-    gen = torch.Generator().manual_seed(0)
-    hooked = []
-    for _ in range(steps):
-        losses = task_losses(model, make_batch(gen))
-        monitor.observe(losses, weights=weights)
-        hooked.append(monitor.sampler.pending.coefficient_reads)
-        root(losses).backward()
-    monitor.close()
-    assert monitor.sampler.reuse_backward and not monitor.warn.messages
-    return hooked
-
-
-@pytest.mark.parametrize("reading", ["readout", "hooks"])
-def test_loss_hooks_only_where_the_coefficients_are_not_known(tmp_path, monkeypatch, reading):
-    if reading == "hooks":
-        from client_hook import sampler
-
-        monkeypatch.setattr(sampler, "readout_supported", lambda params: False)
-    weights = {"rul": 0.25, "health": 2.0}
-
-    def weighted(losses):
-        return 0.25 * losses["rul"] + 2.0 * losses["health"]
-
-    # step 0 verifies (hooks read c_i = the weights); later steps take c_i from the weights
-    assert _hooked_losses_per_step(tmp_path, weights, weighted) == [2, 0, 0, 0]
-    # the backward is not sum_i w_i L_i: c_i = 4 w_i stay read from the losses
-    scaled = _hooked_losses_per_step(tmp_path, weights, lambda losses: 4 * weighted(losses))
-    assert scaled == [2, 2, 2, 2]
-    # no weights given: the default 1 is not a claim about the backward
-    plain_sum = _hooked_losses_per_step(tmp_path, None, lambda ls: ls["rul"] + ls["health"])
-    assert plain_sum == [2, 2, 2, 2]
 
 
 def test_tensor_weights_that_are_the_coefficients_match_autograd(tmp_path):
@@ -544,19 +429,17 @@ def test_tensor_weights_that_are_the_coefficients_match_autograd(tmp_path):
     gen = torch.Generator().manual_seed(0)
     w = torch.tensor([0.3, 1.7], requires_grad=True)
     refs = []
-    for step in range(6):
+    for _ in range(6):
         losses = task_losses(model, make_batch(gen))
         weights = {"rul": w[0], "health": w[1]}
         floats = {t: float(v.detach()) for t, v in weights.items()}
         refs.append(reference_step(losses, params, floats))
         monitor.observe(losses, weights=weights)
-        if step:
-            assert not monitor.sampler.pending.coefficient_reads  # c_i taken from the weights
         (w[0] * losses["rul"] + w[1] * losses["health"]).backward()
         with torch.no_grad():
             w += torch.tensor([0.05, -0.1])
     monitor.close()
-    assert monitor.sampler.reuse_backward and not monitor.warn.messages
+    assert monitor.measurer.reuse and not monitor.warn.messages
     _, (record,), _ = LocalRunFile.read(tmp_path / "run.jsonl")
     for task in TASKS:
         for field in ("grad_norm", "weighted_grad_norm", "contribution_share", "task_weight"):

@@ -95,7 +95,8 @@ def test_cli_prints_one_summary_line_per_epoch(cmapss_dir: Path, capsys: pytest.
     )
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
-    assert [line.split()[:2] for line in lines[:2]] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    # epochs count from 0, as on the dashboard
+    assert [line.split()[:2] for line in lines[:2]] == [["epoch", "0/1"], ["epoch", "1/1"]]
     assert lines[-1].startswith("done: cmapss dwa")
 
 

@@ -1,0 +1,210 @@
+"""The measuring engine: per-task gradients of one optimizer step, reduced to per-group Grams.
+
+One design. On a sampled micro-batch the per-task gradients ``g_i`` over the monitored shared
+parameters come from ``torch.autograd.grad``, one call per task. Everything shown derives from
+the T x T Gram matrix ``K_ij = <g_i, g_j>`` of each parameter group (`client_hook.gradstats`);
+the trunk's Gram is the sum of the groups'.
+
+Reusing the user's backward (default): the training step's own ``backward()`` computes
+``g = sum_i c_i g_i`` on the shared parameters, with ``c_i = d root / d L_i`` (the task weight,
+times a loss scale or 1/k for accumulation, if any). Hooks on the observed losses read ``c_i``
+and hooks on the shared parameters read ``g`` (`BackwardReader`), so only T-1 task gradients
+are computed and the last is ``g_d = (g - sum_{i != d} c_i g_i) / c_d``: T-1 extra backward
+passes instead of T. ``d`` is the task with the largest ``|c_i| G_i`` (no cancellation). A
+*verification* step (the first sampled step, then every `VERIFY_EVERY`-th) computes all T
+directly and checks ``||g - sum_i c_i g_i|| <= RESIDUAL_TOLERANCE ||g||``; a loss with terms
+that reach the shared parameters some other way (a weight penalty), a backward that does not
+run through the observed losses, or any error turns the reuse off for good, with one warning.
+
+Gradient accumulation: the per-task gradients of the micro-batches of one optimizer step are
+averaged (the gradient of the step's whole batch when every micro-batch loss is a mean over
+equally many samples) before the Grams are taken. The hooks only run on sampled micro-batches,
+and are removed at the next ``observe()``: a step that is not sampled runs none of our code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+RESIDUAL_TOLERANCE = 1e-3
+VERIFY_EVERY = 64
+MAX_GROUPS = 64
+Grads = list[Tensor | None]  # per parameter: the stacked task gradients ``[n, *shape]``
+
+
+def param_groups(
+    shared: torch.nn.Module | Tensor | Sequence[Tensor] | Mapping[str, Any],
+) -> tuple[list[str], list[list[Tensor]]]:
+    """The monitored parameters, grouped. A module: one group per direct child with trainable
+    parameters (its own direct parameters form a group named after it); a mapping: name ->
+    module or parameters; a tensor or a list: one group named "shared"."""
+    if isinstance(shared, Mapping):
+        named = [(str(k), _trainable(v)) for k, v in shared.items()]
+    elif isinstance(shared, torch.nn.Module):
+        named = [(n, _trainable(c)) for n, c in shared.named_children()]
+        own = [p for p in shared.parameters(recurse=False) if p.requires_grad]
+        named = ([("(own)", own)] if own else []) + named
+    elif isinstance(shared, Tensor):
+        named = [("shared", [shared])]
+    else:
+        named = [("shared", list(shared))]
+    named = [(n, ps) for n, ps in named if ps]
+    if not named:
+        raise ValueError("`shared` has no trainable parameters to monitor")
+    seen: set[int] = set()
+    for _, params in named:
+        for p in params:
+            if id(p) in seen:
+                raise ValueError("a parameter belongs to two groups of `shared`")
+            seen.add(id(p))
+    if len(named) > MAX_GROUPS:
+        named = _merge(named, MAX_GROUPS)
+    return [n for n, _ in named], [ps for _, ps in named]
+
+
+def _trainable(item: Any) -> list[Tensor]:
+    if isinstance(item, torch.nn.Module):
+        return [p for p in item.parameters() if p.requires_grad]
+    if isinstance(item, Tensor):
+        return [item]
+    return list(item)
+
+
+def _merge(named: list[tuple[str, list[Tensor]]], most: int) -> list[tuple[str, list[Tensor]]]:
+    """Consecutive groups merged into at most `most` (named "first..last")."""
+    size = -(-len(named) // most)
+    out = []
+    for start in range(0, len(named), size):
+        chunk = named[start : start + size]
+        name = chunk[0][0] if len(chunk) == 1 else f"{chunk[0][0]}..{chunk[-1][0]}"
+        out.append((name, [p for _, ps in chunk for p in ps]))
+    return out
+
+
+def task_grads(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Grads:
+    """Per parameter, the gradients of each loss stacked ``[len(losses), *shape]`` (None where
+    no loss reaches it); one ``autograd.grad`` per loss, the graph kept for the user."""
+    per_loss = [
+        torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses
+    ]
+    out: Grads = []
+    for k, param in enumerate(params):
+        column = [grads[k] for grads in per_loss]
+        if all(g is None for g in column):
+            out.append(None)
+        else:
+            out.append(torch.stack([torch.zeros_like(param) if g is None else g for g in column]))
+    return out
+
+
+class BackwardReader:
+    """Reads ``c_i`` (hooks on the losses) and ``g`` (hooks on the parameters) from a backward
+    pass that runs through every observed loss and reaches every `needed` parameter.
+
+    Other passes (a balancer's ``autograd.grad`` over some parameters, another step's losses)
+    are told apart without asking the engine: a pass starts when a loss hook fires after
+    parameter hooks did, or when a parameter's hook fires a second time. `result` is the last
+    complete pass; ``c`` and ``g`` always come from the same pass, so any such pass gives
+    ``g = sum_i c_i g_i`` exactly."""
+
+    def __init__(self, losses: Sequence[Tensor], params: Sequence[Tensor], needed: Sequence[bool]):
+        self.result: tuple[list[Tensor], Grads] | None = None
+        self._needed = list(needed)
+        self._num_losses = len(losses)
+        self._start()
+        self._handles = [loss.register_hook(self._loss_hook(i)) for i, loss in enumerate(losses)]
+        self._handles += [p.register_hook(self._param_hook(k)) for k, p in enumerate(params)]
+
+    def _start(self) -> None:
+        self._coeffs: list[Tensor | None] = [None] * self._num_losses
+        self._grads: Grads = [None] * len(self._needed)
+        self._missing = sum(self._needed)
+        self._params_seen = False
+
+    def _loss_hook(self, i: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if self._params_seen:
+                self._start()
+            self._coeffs[i] = grad.detach()
+
+        return hook
+
+    def _param_hook(self, k: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if self._grads[k] is not None:
+                self._start()
+            self._params_seen = True
+            # a copy: DistributedDataParallel's reducer writes into this tensor afterwards
+            self._grads[k] = grad.detach().clone()
+            self._missing -= self._needed[k]
+            coeffs = self._coeffs
+            if not self._missing and all(c is not None for c in coeffs):
+                self.result = ([c for c in coeffs if c is not None], list(self._grads))
+
+        return hook
+
+    def close(self) -> tuple[list[Tensor], Grads] | None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.result
+
+
+@dataclass
+class MicroBatch:
+    """One sampled micro-batch between its ``observe()`` and the next one."""
+
+    losses: list[Tensor]
+    direct: list[int]  # the tasks computed here, in row order of `grads`
+    grads: Grads
+    reader: BackwardReader | None
+
+
+@dataclass
+class StepSample:
+    """One measured optimizer step: per group the T x T Gram, packed with the step's losses and
+    weights into one float64 vector (`values`) in `layout` order; converted to floats once."""
+
+    values: Tensor
+    layout: tuple[str, ...]
+    ready: Any = None  # a CUDA event: the host copy is done
+
+    @classmethod
+    def pack(cls, parts: dict[str, Tensor]) -> StepSample:
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in parts.values()])
+        if not flat.is_cuda:
+            return cls(flat.cpu(), tuple(parts))
+        # pinned buffer + non-blocking copy + event: the training thread does not wait here
+        pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        pinned.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(pinned, tuple(parts), event)
+
+    def floats(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()
+
+    def numbers(self, num_groups: int, num_tasks: int) -> dict[str, Any]:
+        """The sample's values by name: ``grams`` ``[G][T][T]``, per-task lists, floats."""
+        values, pos, out = self.floats(), 0, {}
+        for name in self.layout:
+            if name == "grams":
+                size = num_groups * num_tasks * num_tasks
+                flat = values[pos : pos + size]
+                out[name] = [
+                    [flat[(g * num_tasks + i) * num_tasks :][:num_tasks] for i in range(num_tasks)]
+                    for g in range(num_groups)
+                ]
+            elif name == "balancer_loss":
+                size, out[name] = 1, values[pos]
+            else:
+                size, out[name] = num_tasks, values[pos : pos + num_tasks]
+            pos += size
+        return out
