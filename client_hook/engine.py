@@ -97,24 +97,33 @@ def task_grads(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Grads:
         column = [grads[k] for grads in per_loss]
         if all(g is None for g in column):
             out.append(None)
+        elif len(column) == 1:
+            out.append(column[0].unsqueeze(0))  # type: ignore[union-attr]  # a view: no copy
         else:
             out.append(torch.stack([torch.zeros_like(param) if g is None else g for g in column]))
     return out
 
 
 class BackwardReader:
-    """Reads ``c_i`` (hooks on the losses) and ``g`` (hooks on the parameters) from a backward
-    pass that runs through every observed loss and reaches every `needed` parameter.
+    """Reads ``c_i`` (hooks on the losses) and, per parameter, ``g`` (hooks on the parameters)
+    from a backward pass that runs through every observed loss and reaches every parameter
+    that `rows` (the task gradients computed directly) reaches.
 
-    Other passes (a balancer's ``autograd.grad`` over some parameters, another step's losses)
-    are told apart without asking the engine: a pass starts when a loss hook fires after
-    parameter hooks did, or when a parameter's hook fires a second time. `result` is the last
-    complete pass; ``c`` and ``g`` always come from the same pass, so any such pass gives
-    ``g = sum_i c_i g_i`` exactly."""
+    Each ``g`` is consumed in its hook, where it is fresh (DistributedDataParallel's reducer
+    writes into it afterwards), with the pass's ``c``: with `derived` the missing task's
+    gradient ``(g - sum_{i != d} c_i g_i) / c_d`` is kept; without, the squared norms of
+    ``g - sum_i c_i g_i`` and of ``g`` (a verification). Other passes (a balancer's
+    ``autograd.grad``, another step's losses) are told apart without asking the engine: a pass
+    starts when a loss hook fires after parameter hooks did, or when a parameter's hook fires a
+    second time. `result` is the last complete pass: ``(c, kept per parameter)``."""
 
-    def __init__(self, losses: Sequence[Tensor], params: Sequence[Tensor], needed: Sequence[bool]):
-        self.result: tuple[list[Tensor], Grads] | None = None
-        self._needed = list(needed)
+    def __init__(
+        self, losses: Sequence[Tensor], params: Sequence[Tensor], rows: Grads, derived: int | None
+    ) -> None:
+        self.result: tuple[Tensor, list[Tensor | None]] | None = None
+        self._rows = rows
+        self._derived = derived
+        self._needed = [r is not None for r in rows]
         self._num_losses = len(losses)
         self._start()
         self._handles = [loss.register_hook(self._loss_hook(i)) for i, loss in enumerate(losses)]
@@ -122,7 +131,8 @@ class BackwardReader:
 
     def _start(self) -> None:
         self._coeffs: list[Tensor | None] = [None] * self._num_losses
-        self._grads: Grads = [None] * len(self._needed)
+        self._c: Tensor | None = None
+        self._kept: list[Tensor | None] = [None] * len(self._needed)
         self._missing = sum(self._needed)
         self._params_seen = False
 
@@ -130,25 +140,41 @@ class BackwardReader:
         def hook(grad: Tensor) -> None:
             if self._params_seen:
                 self._start()
-            self._coeffs[i] = grad.detach()
+            self._coeffs[i] = grad.detach().reshape(())
 
         return hook
 
     def _param_hook(self, k: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            if self._grads[k] is not None:
+            if self._kept[k] is not None:
                 self._start()
             self._params_seen = True
-            # a copy: DistributedDataParallel's reducer writes into this tensor afterwards
-            self._grads[k] = grad.detach().clone()
+            if self._c is None:
+                if any(c is None for c in self._coeffs):
+                    return  # not a pass through every observed loss: never complete
+                self._c = torch.stack(self._coeffs)  # type: ignore[arg-type]
+            with torch.no_grad():  # inside backward(create_graph=True) too
+                self._kept[k] = self._consume(k, grad.detach())
             self._missing -= self._needed[k]
-            coeffs = self._coeffs
-            if not self._missing and all(c is not None for c in coeffs):
-                self.result = ([c for c in coeffs if c is not None], list(self._grads))
+            if not self._missing:
+                self.result = (self._c, list(self._kept))
 
         return hook
 
-    def close(self) -> tuple[list[Tensor], Grads] | None:
+    def _consume(self, k: int, g: Tensor) -> Tensor:
+        rows, c, d = self._rows[k], self._c, self._derived
+        assert c is not None
+        flat = g.reshape(-1)
+        if rows is None:  # no directly computed task reaches this parameter
+            rows = flat.new_zeros(len(c) - (d is not None), flat.numel())
+        rows = rows.reshape(rows.shape[0], -1)
+        if d is None:  # verification: ||g - sum_i c_i g_i||^2 and ||g||^2
+            residual = torch.addmv(flat, rows.T, c.to(flat.dtype), alpha=-1)
+            return torch.stack([residual.square().sum(), flat.square().sum()])
+        direct = torch.cat([c[:d], c[d + 1 :]]).to(flat.dtype)
+        return torch.addmv(flat, rows.T, direct, alpha=-1).div_(c[d]).reshape(g.shape)
+
+    def close(self) -> tuple[Tensor, list[Tensor | None]] | None:
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -26,6 +26,10 @@ from client_hook.engine import (
 )
 
 Reduce = Callable[[list[Tensor]], None]  # in place, e.g. an all-reduce across ranks
+# One parameter's task gradients as row blocks ``[r, *shape]``, stacked rows in the step's
+# order (all tasks; or the directly computed ones, then the derived one): never copied into
+# one tensor, the Gram is taken block by block.
+Blocks = list[Tensor] | None
 
 
 class StepMeasurer:
@@ -48,7 +52,9 @@ class StepMeasurer:
         self.derived: int | None = None  # the task read from the backward (None: verify next)
         self.since_verify = 0
         self.pending: MicroBatch | None = None
-        self._sum: Grads | None = None  # per parameter, the step's summed task gradients
+        self._sum: list[Blocks] | None = None  # per parameter, the step's summed task gradients
+        self._order: list[int] = []
+        self._key: tuple | None = None
         self._count = 0
         self._loss_sum: Tensor | None = None
         self._broken = False
@@ -66,7 +72,7 @@ class StepMeasurer:
             raise ValueError("no task loss depends on the monitored shared parameters")
         reader = None
         if self.reuse:  # a verification step reads the backward too
-            reader = BackwardReader(losses, self.params, [g is not None for g in grads])
+            reader = BackwardReader(losses, self.params, grads, self.derived if reuse else None)
         detached = torch.stack([loss.detach().reshape(()) for loss in losses])
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self._host = _snapshot({"weights": list(weights), **extras})
@@ -79,9 +85,9 @@ class StepMeasurer:
             return
         reading = batch.reader.close() if batch.reader is not None else None
         if len(batch.direct) == self.num:
-            grads = batch.grads
+            blocks: list[Blocks] = [None if g is None else [g] for g in batch.grads]
             if batch.reader is not None:
-                self._verify(grads, reading)
+                self._verify(batch.grads, reading)
         else:
             self.since_verify += 1
             if reading is None:
@@ -91,12 +97,25 @@ class StepMeasurer:
                 )
                 self._broken = True
                 return
-            grads = self._derive(batch, *reading)
+            blocks = self._derive(batch, reading[1])
+        self._accumulate(
+            [*batch.direct, *[i for i in range(self.num) if i not in batch.direct]], blocks
+        )
+
+    def _accumulate(self, order: list[int], blocks: list[Blocks]) -> None:
+        """Add a micro-batch's task gradients (row blocks, rows in `order`) to the step's."""
         self._count += 1
+        key = (order, len(next(b for b in blocks if b is not None)))
         if self._sum is None:
-            self._sum = list(grads)
-        else:
-            self._sum = [_add(a, b) for a, b in zip(self._sum, grads, strict=True)]
+            self._order, self._key, self._sum = order, key, blocks
+            return
+        if key != self._key:  # the derived task changed within the step (rare): reorder
+            blocks = [None if b is None else [_reorder(b, order, self._order)] for b in blocks]
+            self._sum = [
+                None if b is None else [_reorder(b, self._order, self._order)] for b in self._sum
+            ]
+            self._key = (self._order, 1)
+        self._sum = [_add(a, b) for a, b in zip(self._sum, blocks, strict=True)]
 
     def discard(self) -> None:
         batch, self.pending = self.pending, None
@@ -113,15 +132,17 @@ class StepMeasurer:
         self._reset_step()
         if broken or total is None or losses is None or not count:
             return None
-        present = [g for g in total if g is not None]
+        present = [t for blocks in total if blocks is not None for t in blocks]
         if self.reduce is not None:
             self.reduce(present)
         like = present[0]
         grams = like.new_zeros(self.num_groups, self.num, self.num, dtype=_wide(like.dtype))
-        for grad, group in zip(total, self.group_of, strict=True):
-            if grad is not None:
-                rows = grad.reshape(self.num, -1).to(grams.dtype)
-                grams[group] += rows @ rows.T
+        for blocks, group in zip(total, self.group_of, strict=True):
+            if blocks is not None:
+                flat = [b.reshape(b.shape[0], -1).to(grams.dtype) for b in blocks]
+                grams[group] += torch.cat([torch.cat([a @ b.T for b in flat], 1) for a in flat])
+        where = [self._order.index(task) for task in range(self.num)]  # row of each task
+        grams = grams[:, where][:, :, where]
         parts = {"grams": grams / (count * count), "losses": losses / count}
         weights = host.pop("weights")
         parts["weights"] = _vector(weights, like.device)
@@ -134,54 +155,45 @@ class StepMeasurer:
 
     def _reset_step(self) -> None:
         self._sum, self._count, self._loss_sum, self._broken, self._host = None, 0, None, False, {}
+        self._key = None
 
     # ------------------------------------------------------------------ reading the backward
-    def _derive(self, batch: MicroBatch, coeffs: list[Tensor], read: Grads) -> Grads:
-        """All T task gradients: the T-1 computed ones and ``g_d`` from the backward's ``g``."""
-        d = self.derived
-        assert d is not None
-        c = torch.stack([x.reshape(()) for x in coeffs])
-        out: Grads = []
-        for rows, total in zip(batch.grads, read, strict=True):
-            if rows is None and total is None:
+    def _derive(self, batch: MicroBatch, kept: list[Tensor | None]) -> list[Blocks]:
+        """Per parameter the T-1 computed task gradients and, as a second block, the one
+        derived from the backward (`BackwardReader`): rows in direct-then-derived order."""
+        out: list[Blocks] = []
+        for rows, last in zip(batch.grads, kept, strict=True):
+            if rows is None and last is None:
                 out.append(None)
                 continue
+            if last is None:
+                last = rows[0].new_zeros(rows[0].shape)  # type: ignore[index]
             if rows is None:
-                rows = total.new_zeros(self.num - 1, *total.shape)  # type: ignore[union-attr]
-            c_rows = c[batch.direct].to(rows.dtype).reshape(-1, *[1] * (rows.dim() - 1))
-            g = torch.zeros_like(rows[0]) if total is None else total
-            last = (g - (c_rows * rows).sum(0)) / c[d].to(rows.dtype)
-            out.append(torch.cat([rows[:d], last[None], rows[d:]]))
+                rows = last.new_zeros(self.num - 1, *last.shape)
+            out.append([rows, last.unsqueeze(0)])
         return out
 
-    def _verify(self, grads: Grads, reading: tuple[list[Tensor], Grads] | None) -> None:
+    def _verify(self, grads: Grads, reading: tuple[Tensor, list[Tensor | None]] | None) -> None:
         """Compare the backward with ``sum_i c_i g_i``; choose the task to derive from it."""
         self.since_verify = 0
         if reading is None:
             self._give_up("the step's backward() did not run through the observed losses")
             return
-        coeffs, read = reading
-        c = torch.stack([x.reshape(()) for x in coeffs]).to(torch.float64)
-        residual = total = c.new_zeros(())
-        sq_norms = c.new_zeros(self.num)
-        for rows, g in zip(grads, read, strict=True):
-            if rows is None and g is None:
-                continue
-            rows64 = (rows if rows is not None else g.new_zeros(self.num, *g.shape)).double()  # type: ignore[union-attr]
-            g64 = torch.zeros_like(rows64[0]) if g is None else g.double()
-            combined = (c.reshape(-1, *[1] * (rows64.dim() - 1)) * rows64).sum(0)
-            residual = residual + (g64 - combined).square().sum()
-            total = total + g64.square().sum()
-            sq_norms = sq_norms + rows64.reshape(self.num, -1).square().sum(1)
-        values = torch.cat([torch.stack([residual, total]), c.abs() * sq_norms.sqrt()]).tolist()
-        res, tot, weighted = math.sqrt(values[0]), math.sqrt(values[1]), values[2:]
-        if not res <= RESIDUAL_TOLERANCE * tot:
+        c, kept = reading
+        pieces = [k.double() for k in kept if k is not None]
+        sq_norms = [
+            g.reshape(self.num, -1).double().square().sum(1) for g in grads if g is not None
+        ]
+        sums = torch.stack(pieces).sum(0) if pieces else c.new_zeros(2, dtype=torch.float64)
+        weighted = c.double().abs() * torch.stack(sq_norms).sum(0).sqrt()
+        values = torch.cat([sums, weighted]).tolist()  # the verification's one host read
+        if not math.sqrt(values[0]) <= RESIDUAL_TOLERANCE * math.sqrt(values[1]):
             self._give_up(
                 "the step's backward() is not sum_i c_i L_i of the observed losses on the "
                 "shared parameters (e.g. a penalty or an unreported loss)"
             )
             return
-        self.derived = max(range(self.num), key=lambda i: weighted[i])
+        self.derived = max(range(self.num), key=lambda i: values[2 + i])
 
     def _give_up(self, reason: str) -> None:
         self.reuse = False
@@ -193,10 +205,16 @@ class StepMeasurer:
         )
 
 
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    return a if b is None else a + b
+def _reorder(blocks: list[Tensor], order: list[int], to: list[int]) -> Tensor:
+    """The row blocks (rows in `order`) as one tensor with rows in order `to`."""
+    rows = torch.cat([b.to(blocks[0].dtype) for b in blocks])
+    return rows[[order.index(task) for task in to]]
+
+
+def _add(a: Blocks, b: Blocks) -> Blocks:
+    if a is None or b is None:
+        return a if b is None else b
+    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:

@@ -275,3 +275,23 @@ def test_many_children_are_merged_into_at_most_64_groups():
     names, groups = param_groups(trunk)
     assert len(names) <= 64 and sum(len(g) for g in groups) == 200
     assert names[0] == "0..1"
+
+
+def test_the_measuring_core_uses_no_private_torch_api():
+    """Only public torch APIs (tensor hooks, autograd.grad): nothing for other torch versions
+    to break. A private symbol would need one module with a public fallback and a test."""
+    import ast
+    from pathlib import Path
+
+    import client_hook
+
+    root = Path(client_hook.__file__).parent
+    for name in ("engine.py", "measure.py", "monitor.py", "gradstats.py"):
+        tree = ast.parse((root / name).read_text())
+        private = [
+            n.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+            and isinstance(n.value, (ast.Name, ast.Attribute))
+            and ast.unparse(n.value).split(".")[0] == "torch"
+        ]  # fmt: skip
+        assert private == [], (name, private)
