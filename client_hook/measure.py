@@ -134,7 +134,7 @@ class StepMeasurer:
             return None
         present = [t for blocks in total if blocks is not None for t in blocks]
         if self.reduce is not None:
-            self.reduce(present)
+            self.reduce([*present, losses])
         like = present[0]
         grams = like.new_zeros(self.num_groups, self.num, self.num, dtype=_wide(like.dtype))
         for blocks, group in zip(total, self.group_of, strict=True):

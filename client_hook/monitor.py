@@ -25,6 +25,7 @@ import torch
 
 from client_hook import gradstats
 from client_hook.api import TOKEN_ENV, URL_ENV, ApiClient, RunUploader, check_url
+from client_hook.distributed import global_batch_reducer
 from client_hook.engine import StepSample, param_groups
 from client_hook.measure import StepMeasurer
 from client_hook.spool import RunSpool, default_spool_dir
@@ -130,13 +131,16 @@ class GradMonitor:
         self.flush_timeout = flush_timeout
         self.request_timeout = request_timeout
         self.warn = WarnOnce()
+        reduce = global_batch_reducer(all_ranks)
         self.measurer = StepMeasurer(
-            len(self.tasks), groups, reuse_backward=reuse_backward, warn=self.warn
+            len(self.tasks), groups, reuse_backward=reuse_backward, warn=self.warn, reduce=reduce
         )
         self.initial_losses = dict(initial_losses or {})
         self._initial: list[float] | None = None
         self.rank, world_size = _rank()
-        self.active = all_ranks or self.rank == 0
+        self.active = all_ranks or self.rank == 0  # sends records
+        # measures: every rank takes part in the global numbers (`client_hook.distributed`)
+        self.measuring = self.active or reduce is not None
         base_id = uuid.UUID(str(run_id)) if run_id else uuid.uuid4()
         config = dict(config or {})
         name = run_name or f"{Path(sys.argv[0] or 'python').stem}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -207,7 +211,7 @@ class GradMonitor:
             if not step:
                 self._epoch_started_at = time.perf_counter()
             self._step_in_epoch = step + 1
-            self._sampled = not step % self.sample_every and self.active and not self._closed
+            self._sampled = not step % self.sample_every and self.measuring and not self._closed
         self._micro = micro + 1
         if self._sampled:
             self._measure(losses, weights or {}, extras or {})

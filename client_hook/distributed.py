@@ -1,0 +1,43 @@
+"""Per-task statistics of the GLOBAL batch under torch.distributed data parallelism.
+
+Under DistributedDataParallel every rank computes its per-task gradients on its own batch
+(`client_hook.engine`; DDP's reducer plays no part, so ``no_sync()`` changes nothing). DDP
+applies the mean of the ranks' gradients, which is the gradient of the mean loss over the
+global batch; the per-task gradients of the global batch are therefore the means of the
+ranks' per-task gradients. On a sampled optimizer step `all_reduce_mean` averages them, and
+the step's losses, with ONE all-reduce of ``T * N + T`` numbers (N = monitored elements,
+float32 unless the parameters are wider) before the Gram matrices are taken, so every rank
+holds the global numbers; only rank 0 sends them. No collective runs on a step that is not
+sampled, and every rank samples the same steps: the decision is a pure function of the step
+counters, which DDP keeps equal across ranks (every rank runs every step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def global_batch_reducer(all_ranks: bool) -> Callable[[list[Tensor]], None] | None:
+    """`all_reduce_mean` when this process is one of several data-parallel ranks whose numbers
+    are combined (`all_ranks` False); None otherwise (one process, or each rank its own run)."""
+    if all_ranks or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return all_reduce_mean if dist.get_world_size() > 1 else None
+
+
+def all_reduce_mean(tensors: list[Tensor]) -> None:
+    """Average `tensors` across the ranks of the default group, in place, in one all-reduce."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()

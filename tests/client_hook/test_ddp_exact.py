@@ -1,0 +1,132 @@
+"""Under DistributedDataParallel (gloo, CPU, spawned ranks) the numbers are those of the
+GLOBAL batch: equal to one process that sees the ranks' batches concatenated."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.client_hook.test_engine import Net, check, reference, task_losses
+from tests.support import REPO_ROOT, free_port
+
+WORKER = textwrap.dedent("""
+    import datetime, json, os, sys, torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from client_hook import GradMonitor
+    from tests.client_hook.test_ddp_exact import batches, WEIGHTS
+    from tests.client_hook.test_engine import Net, task_losses
+
+    out, mode = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    net = Net(2)
+    ddp = DistributedDataParallel(net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
+    accumulate = 2 if mode == "accumulate" else 1
+    monitor = GradMonitor(net.shared, list(WEIGHTS), sample_every=1,
+                          accumulation_steps=accumulate, local_path=out + ".jsonl")
+    if mode == "raise" and rank == 1:
+        raise SystemExit("rank 1 fails before its first step")
+    for step, (x, y) in enumerate(batches(world)):
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]  # this rank's share
+        for k, (mx, my) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
+            last = k == accumulate - 1
+            with (ddp.no_sync() if not last else torch.enable_grad()):
+                losses = task_losses(ddp(mx), my)
+                monitor.observe(losses, weights=WEIGHTS)
+                (sum(w * losses[t] for t, w in WEIGHTS.items()) / accumulate).backward()
+        opt.step()
+        opt.zero_grad()
+    monitor.end_epoch()
+    record = monitor.last_record
+    monitor.close()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"record": record, "warnings": monitor.warn.messages}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
+""")
+WEIGHTS = {"t0": 0.5, "t1": 1.5}
+
+
+def batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Three global batches of 12 samples per rank (the same on every rank and here)."""
+    gen = torch.Generator().manual_seed(7)
+    return [(torch.randn(12 * world, 6, generator=gen), torch.randn(12 * world, generator=gen))
+            for _ in range(3)]  # fmt: skip
+
+
+def launch(tmp_path, world: int, mode: str) -> tuple[list[int], dict | None]:
+    port, out = str(free_port()), str(tmp_path / "rank0.json")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, out, mode],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },  # fmt: skip
+        )
+        for rank in range(world)
+    ]
+    codes = []
+    for proc in procs:
+        try:
+            proc.communicate(timeout=120)  # bounded: a hang fails the test, never the suite
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a rank hung")
+        codes.append(proc.returncode)
+    result = json.loads(open(out).read()) if os.path.exists(out) else None
+    return codes, result
+
+
+def single_process_reference(world: int) -> tuple[list[dict], Net]:
+    """The same model and steps in one process on the concatenated (global) batches."""
+    torch.manual_seed(0)
+    net = Net(2)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    refs = []
+    for x, y in batches(world):
+        losses = task_losses(net(x), y)
+        refs.append(reference(net, losses))
+        (sum(w * losses[t] for t, w in WEIGHTS.items())).backward()
+        opt.step()
+        opt.zero_grad()
+    return refs, net
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("mode", ["plain", "accumulate"])
+def test_ddp_numbers_equal_one_process_on_the_global_batch(tmp_path, world, mode):
+    codes, result = launch(tmp_path, world, mode)
+    assert codes == [0] * world
+    assert result is not None and result["warnings"] == []
+    refs, _ = single_process_reference(world)
+    check(result["record"], refs, rel=1e-5)
+    record = result["record"]
+    assert record["step_count"] == 3
+    for task in WEIGHTS:
+        want = sum(r["trunk"]["norm"][task] * WEIGHTS[task] for r in refs) / 3
+        assert math.isclose(record["tasks"][task]["weighted_grad_norm"], want, rel_tol=1e-5)
+
+
+def test_a_rank_that_fails_does_not_hang_the_others(tmp_path):
+    codes, _ = launch(tmp_path, 2, "raise")
+    assert codes[1] != 0  # rank 1 failed; rank 0 ended too (DDP's timeout), the test returned
