@@ -37,52 +37,62 @@ MAX_GROUPS = 64
 Grads = list[Tensor | None]  # per parameter: the stacked task gradients ``[n, *shape]``
 
 
-def param_groups(
-    shared: torch.nn.Module | Tensor | Sequence[Tensor] | Mapping[str, Any],
-) -> tuple[list[str], list[list[Tensor]]]:
+class ParamGroups:
     """The monitored parameters, grouped. A module: one group per direct child with trainable
-    parameters (its own direct parameters form a group named after it); a mapping: name ->
-    module or parameters; a tensor or a list: one group named "shared"."""
-    if isinstance(shared, Mapping):
-        named = [(str(k), _trainable(v)) for k, v in shared.items()]
-    elif isinstance(shared, torch.nn.Module):
-        named = [(n, _trainable(c)) for n, c in shared.named_children()]
-        own = [p for p in shared.parameters(recurse=False) if p.requires_grad]
-        named = ([("(own)", own)] if own else []) + named
-    elif isinstance(shared, Tensor):
-        named = [("shared", [shared])]
-    else:
-        named = [("shared", list(shared))]
-    named = [(n, ps) for n, ps in named if ps]
-    if not named:
-        raise ValueError("`shared` has no trainable parameters to monitor")
-    seen: set[int] = set()
-    for _, params in named:
-        for p in params:
-            if id(p) in seen:
-                raise ValueError("a parameter belongs to two groups of `shared`")
-            seen.add(id(p))
-    if len(named) > MAX_GROUPS:
-        named = _merge(named, MAX_GROUPS)
-    return [n for n, _ in named], [ps for _, ps in named]
+    parameters (its own direct parameters form a group "(own)"); a mapping: name -> module or
+    parameters; a tensor or a list: one group named "shared". More than `MAX_GROUPS` groups
+    are merged, consecutive ones together ("first..last").
+
+    Modules are asked for their parameters at every sampled step (`params`): FSDP2's
+    ``fully_shard`` swaps a module's sharded parameters for unsharded ones during the
+    forward, and those are what the step's graph holds."""
+
+    def __init__(self, shared: torch.nn.Module | Tensor | Sequence[Tensor] | Mapping[str, Any]):
+        if isinstance(shared, Mapping):
+            named = [(str(k), _sources(v)) for k, v in shared.items()]
+        elif isinstance(shared, torch.nn.Module):
+            named = [(n, [c]) for n, c in shared.named_children()]
+            own = [p for p in shared.parameters(recurse=False) if p.requires_grad]
+            named = ([("(own)", own)] if own else []) + named
+        else:
+            named = [("shared", _sources(shared))]
+        named = [(n, s) for n, s in named if _resolve(s)]
+        if not named:
+            raise ValueError("`shared` has no trainable parameters to monitor")
+        if len(named) > MAX_GROUPS:
+            size = -(-len(named) // MAX_GROUPS)
+            chunks = [named[i : i + size] for i in range(0, len(named), size)]
+            named = [
+                (c[0][0] if len(c) == 1 else f"{c[0][0]}..{c[-1][0]}", [x for _, s in c for x in s])
+                for c in chunks
+            ]
+        self.names = [n for n, _ in named]
+        self._sources = [s for _, s in named]
+        resolved = [p for group in self.params() for p in group]
+        if len({id(p) for p in resolved}) != len(resolved):
+            raise ValueError("a parameter belongs to two groups of `shared`")
+
+    def params(self) -> list[list[Tensor]]:
+        return [_resolve(sources) for sources in self._sources]
 
 
-def _trainable(item: Any) -> list[Tensor]:
-    if isinstance(item, torch.nn.Module):
-        return [p for p in item.parameters() if p.requires_grad]
-    if isinstance(item, Tensor):
-        return [item]
-    return list(item)
+def param_groups(shared: Any) -> tuple[list[str], list[list[Tensor]]]:
+    """(group names, their parameters as of now): see `ParamGroups`."""
+    groups = ParamGroups(shared)
+    return groups.names, groups.params()
 
 
-def _merge(named: list[tuple[str, list[Tensor]]], most: int) -> list[tuple[str, list[Tensor]]]:
-    """Consecutive groups merged into at most `most` (named "first..last")."""
-    size = -(-len(named) // most)
-    out = []
-    for start in range(0, len(named), size):
-        chunk = named[start : start + size]
-        name = chunk[0][0] if len(chunk) == 1 else f"{chunk[0][0]}..{chunk[-1][0]}"
-        out.append((name, [p for _, ps in chunk for p in ps]))
+def _sources(item: Any) -> list[Any]:
+    return [item] if isinstance(item, (torch.nn.Module, Tensor)) else list(item)
+
+
+def _resolve(sources: Sequence[Any]) -> list[Tensor]:
+    out: list[Tensor] = []
+    for item in sources:
+        if isinstance(item, torch.nn.Module):
+            out += [p for p in item.parameters() if p.requires_grad]
+        else:
+            out.append(item)
     return out
 
 

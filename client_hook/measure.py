@@ -21,6 +21,7 @@ from client_hook.engine import (
     BackwardReader,
     Grads,
     MicroBatch,
+    ParamGroups,
     StepSample,
     task_grads,
 )
@@ -36,16 +37,17 @@ class StepMeasurer:
     def __init__(
         self,
         num_tasks: int,
-        groups: Sequence[Sequence[Tensor]],
+        groups: ParamGroups,
         *,
         reuse_backward: bool,
         warn: Callable[[str, str], None],
         reduce: Reduce | None = None,
     ) -> None:
         self.num = num_tasks
-        self.params = [p for group in groups for p in group]
-        self.group_of = [g for g, group in enumerate(groups) for _ in group]
-        self.num_groups = len(groups)
+        self.groups = groups
+        self.num_groups = len(groups.names)
+        self.params: list[Tensor] = []  # as of the step's first sampled micro-batch
+        self.group_of: list[int] = []
         self.reuse = reuse_backward and num_tasks > 1
         self.warn = warn
         self.reduce = reduce
@@ -65,10 +67,20 @@ class StepMeasurer:
         self, losses: Sequence[Tensor], weights: Sequence[Any], extras: Mapping[str, Any]
     ) -> None:
         """Measure a sampled micro-batch whose backward has not run yet."""
+        if self._sum is None and self.pending is None:  # the step's first micro-batch
+            groups = self.groups.params()
+            self.params = [p for group in groups for p in group]
+            self.group_of = [g for g, group in enumerate(groups) for _ in group]
         reuse = self.reuse and self.derived is not None and self.since_verify < VERIFY_EVERY
         direct = [i for i in range(self.num) if not reuse or i != self.derived]
         grads = task_grads([losses[i] for i in direct], self.params)
         if not any(g is not None for g in grads):
+            if any(type(p).__name__ == "DTensor" for p in self.params):
+                raise ValueError(
+                    "the monitored parameters are sharded (FSDP2 resharded them after the "
+                    "forward): use fully_shard(..., reshard_after_forward=False) on the "
+                    "monitored layers, or shard only the root module"
+                )
             raise ValueError("no task loss depends on the monitored shared parameters")
         reader = None
         if self.reuse:  # a verification step reads the backward too

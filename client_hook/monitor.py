@@ -26,7 +26,7 @@ import torch
 from client_hook import gradstats
 from client_hook.api import TOKEN_ENV, URL_ENV, ApiClient, RunUploader, check_url
 from client_hook.distributed import global_batch_reducer
-from client_hook.engine import StepSample, param_groups
+from client_hook.engine import ParamGroups, StepSample
 from client_hook.measure import StepMeasurer
 from client_hook.spool import RunSpool, default_spool_dir
 from client_hook.transport import DeliveryReport, DeliveryWorker, FileSink, HttpSink, WarnOnce
@@ -124,8 +124,8 @@ class GradMonitor:
             raise ValueError("`tasks` must be a non-empty list of unique names")
         if sample_every < 1 or accumulation_steps < 1:
             raise ValueError("`sample_every` and `accumulation_steps` must be >= 1")
-        self.group_names, groups = param_groups(shared)
-        self.params = [p for group in groups for p in group]
+        groups = ParamGroups(shared)
+        self.group_names = groups.names
         self.sample_every = int(sample_every)
         self.accumulation_steps = int(accumulation_steps)
         self.flush_timeout = flush_timeout

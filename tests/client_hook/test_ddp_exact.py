@@ -1,5 +1,5 @@
-"""Under DistributedDataParallel (gloo, CPU, spawned ranks) the numbers are those of the
-GLOBAL batch: equal to one process that sees the ranks' batches concatenated."""
+"""Under DistributedDataParallel and FSDP2 (gloo, CPU, spawned ranks) the numbers are those
+of the GLOBAL batch: equal to one process that sees the ranks' batches concatenated."""
 
 from __future__ import annotations
 
@@ -28,7 +28,15 @@ WORKER = textwrap.dedent("""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     net = Net(2)
-    ddp = DistributedDataParallel(net)
+    if mode.startswith("fsdp2"):  # parameters are DTensors between steps
+        from torch.distributed.fsdp import fully_shard
+        if mode == "fsdp2-layers":  # each layer its own unit, kept unsharded until backward
+            for layer in net.shared:
+                fully_shard(layer, reshard_after_forward=False)
+        ddp = fully_shard(net)
+        ddp.no_sync = None
+    else:
+        ddp = DistributedDataParallel(net)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
     accumulate = 2 if mode == "accumulate" else 1
     monitor = GradMonitor(net.shared, list(WEIGHTS), sample_every=1,
@@ -39,7 +47,7 @@ WORKER = textwrap.dedent("""
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]  # this rank's share
         for k, (mx, my) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
             last = k == accumulate - 1
-            with (ddp.no_sync() if not last else torch.enable_grad()):
+            with (ddp.no_sync() if not last and ddp.no_sync else torch.enable_grad()):
                 losses = task_losses(ddp(mx), my)
                 monitor.observe(losses, weights=WEIGHTS)
                 (sum(w * losses[t] for t, w in WEIGHTS.items()) / accumulate).backward()
@@ -113,7 +121,7 @@ def single_process_reference(world: int) -> tuple[list[dict], Net]:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("mode", ["plain", "accumulate"])
+@pytest.mark.parametrize("mode", ["plain", "accumulate", "fsdp2", "fsdp2-layers"])
 def test_ddp_numbers_equal_one_process_on_the_global_batch(tmp_path, world, mode):
     codes, result = launch(tmp_path, world, mode)
     assert codes == [0] * world

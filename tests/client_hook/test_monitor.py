@@ -76,7 +76,8 @@ def test_shared_parameter_list_limits_the_measurement(tmp_path):
     _, records, _ = LocalRunFile.read(tmp_path / "run.jsonl")
     assert_record_matches(records[0], expected[0])
     full = sum(p.numel() for p in DualTaskMLP().shared.parameters())
-    assert len(made[0].params) == 1 and made[0].params[0].numel() < full
+    (params,) = made[0].measurer.groups.params()
+    assert len(params) == 1 and params[0].numel() < full
 
 
 def test_non_sampled_steps_run_no_tensor_op(tmp_path):
