@@ -212,3 +212,16 @@ def test_streams_epochs_to_a_live_server(
     metrics = httpx.get(f"{live_server.url}/api/runs/{result.run_id}/metrics").json()
     assert metrics["epochs"] == [0, 1]
     assert all(w is not None for w in metrics["task_metrics"]["health"]["task_weight"])
+
+
+def test_terminal_ratio_is_the_dashboards(tmp_path: Path, monkeypatch):
+    """The summary line's ratio is the epoch record's: the same number, the same epoch index."""
+    from client_hook.spool import LocalRunFile
+
+    monkeypatch.chdir(tmp_path)
+    result = train(tiny_toy(method="equal", monitor=True, epochs=3), out=open(tmp_path / "o", "w"))
+    (run_file,) = (tmp_path / ".gradwatch" / "runs").glob("*.jsonl")
+    _, records, _ = LocalRunFile.read(run_file)
+    assert [r["epoch"] for r in records] == [s.epoch for s in result.history] == [0, 1, 2]
+    for record, summary in zip(records, result.history, strict=True):
+        assert summary.grad_norm_ratio == record["grad_norm_ratio"]
