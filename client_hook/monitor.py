@@ -51,6 +51,33 @@ def _to_float(value: Any) -> float | None:
     return float(value)
 
 
+def _run_header(
+    tasks: list[str],
+    run_name: str | None,
+    project: str,
+    config: Mapping[str, Any] | None,
+    run_id: str | uuid.UUID | None,
+    all_ranks: bool,
+    rank: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """The run as the server's ``POST /api/runs`` takes it."""
+    base_id = uuid.UUID(str(run_id)) if run_id else uuid.uuid4()
+    settings = dict(config or {})
+    name = run_name or f"{Path(sys.argv[0] or 'python').stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    if all_ranks and world_size > 1:
+        base_id = uuid.uuid5(base_id, f"rank{rank}")
+        name = f"{name}-rank{rank}"
+        settings.update(rank=rank, world_size=world_size)
+    return {
+        "id": str(base_id),
+        "name": name,
+        "project": project,
+        "tasks": tasks,
+        "config": json.loads(json.dumps(settings, default=str)),
+    }
+
+
 class _Epoch:
     """A finished epoch record on its way to the delivery thread."""
 
@@ -141,21 +168,10 @@ class GradMonitor:
         self.active = all_ranks or self.rank == 0  # sends records
         # measures: every rank takes part in the global numbers (`client_hook.distributed`)
         self.measuring = self.active or reduce is not None
-        base_id = uuid.UUID(str(run_id)) if run_id else uuid.uuid4()
-        config = dict(config or {})
-        name = run_name or f"{Path(sys.argv[0] or 'python').stem}-{datetime.now():%Y%m%d-%H%M%S}"
-        if all_ranks and world_size > 1:
-            base_id = uuid.uuid5(base_id, f"rank{self.rank}")
-            name = f"{name}-rank{self.rank}"
-            config.update(rank=self.rank, world_size=world_size)
-        self.run_id = str(base_id)
-        self.run: dict[str, Any] = {
-            "id": self.run_id,
-            "name": name,
-            "project": project,
-            "tasks": self.tasks,
-            "config": json.loads(json.dumps(config, default=str)),
-        }
+        self.run = _run_header(
+            self.tasks, run_name, project, config, run_id, all_ranks, self.rank, world_size
+        )
+        self.run_id = self.run["id"]
         if ratio_threshold is not None:
             self.run["ratio_threshold"] = ratio_threshold
         self.server_url = server_url or os.environ.get(URL_ENV) or None
