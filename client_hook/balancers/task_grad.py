@@ -16,10 +16,19 @@ layer of weights to save on compute"):
   ones appended to x (x x^T + 1 in the Gram form).
 - ``"parameters"``: every trainable tensor of the given module (or the list given), by autograd.
 - ``"representation"``: the module's output h, G uses ||grad_h L_i||.
+
+`TaskGradNorms.gram` gives the T x T Gram matrix <grad_W L_i, grad_W L_j> of the same gradients
+(the input of the Gram-based balancers, `gram_weights.py`); its diagonal is the squared norms.
+
+A second forward pass through the hooked layer before the step (a forward on another batch, an
+evaluation with gradients on) would leave the captured tensors unrelated to the losses, so every
+delta would be zero: that case is detected (the hook counts forwards), warned about once, and
+measured exactly by autograd at W instead.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -73,6 +82,9 @@ class TaskGradNorms:
         # Set once an in-place op is seen on the layer's output (e.g. ReLU(inplace=True)): from
         # then on the hook hands the network a copy so the captured output stays intact.
         self._protect_output = False
+        self._forwards = 0  # forwards of the hooked layer since the last measurement
+        self._warned_reuse = False
+        self.forward_count = 0  # every forward of the shared module seen, never reset
         if on == "last_layer":
             assert isinstance(shared, nn.Module)
             linear = last_linear(shared)
@@ -87,6 +99,11 @@ class TaskGradNorms:
             self._handle = shared.register_forward_hook(self._capture)
         else:
             self.params = shared_parameters(shared)
+            if isinstance(shared, nn.Module):  # only counts forwards (see `forward_count`)
+                self._handle = shared.register_forward_hook(self._count)
+
+    def _count(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self.forward_count += 1
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +120,8 @@ class TaskGradNorms:
             return None
         if self._protect_output:
             output = output.clone()
+        self._forwards += 1
+        self.forward_count += 1
         self._input = inputs[0].detach() if inputs and isinstance(inputs[0], Tensor) else None
         self._output = output
         self._output_version = output._version
@@ -110,20 +129,10 @@ class TaskGradNorms:
 
     def __call__(self, losses: Sequence[Tensor]) -> Tensor:
         """||grad_W L_i|| for each loss; the graph is retained for the step's own backward."""
-        output = self._output
-        self._output, captured_input = None, self._input
-        self._input = None
-        if self.on == "parameters" or output is None:
-            if self.on != "parameters" and output is None:
-                raise RuntimeError(
-                    "no forward pass was seen since the last step: run the model "
-                    "(with gradients enabled) before balancer.backward()"
-                )
+        captured = self._take_capture()
+        if captured is None:
             return self._by_autograd(losses)
-        if output._version != self._output_version:
-            # Modified in place after the layer: the captured tensor no longer holds z.
-            self._protect_output = True
-            return self._by_autograd(losses)
+        output, captured_input = captured
         # One backward per task from L_i to z, through the heads only. Kept as a list: stacking
         # them would copy T x M x out floats for nothing.
         deltas = [_grads(loss, [output])[0] for loss in losses]
@@ -134,11 +143,77 @@ class TaskGradNorms:
             norms = linear_weight_grad_norms(captured_input, deltas, with_bias=self.with_bias)
         return norms.float()  # float32 whatever the model's dtype, as `_by_autograd` returns
 
+    def gram(self, losses: Sequence[Tensor]) -> Tensor:
+        """The (T, T) Gram matrix <grad_W L_i, grad_W L_j>, float32 (float64 for float64 models);
+        the graph is retained for the step's own backward."""
+        captured = self._take_capture()
+        if captured is None:
+            return _gram_of([_grads(loss, self.params) for loss in losses])
+        output, captured_input = captured
+        deltas = [_compute_dtype(_grads(loss, [output])[0]) for loss in losses]
+        if self.on == "representation":
+            return _gram_of([(d,) for d in deltas])
+        assert captured_input is not None
+        x = _compute_dtype(captured_input.reshape(-1, captured_input.shape[-1]))
+        rows = [d.reshape(-1, d.shape[-1]) for d in deltas]
+        pieces = [((d.T @ x), d.sum(0)) if self.with_bias else (d.T @ x,) for d in rows]
+        return _gram_of(pieces)
+
+    def _take_capture(self) -> tuple[Tensor, Tensor | None] | None:
+        """The layer's output and input from the step's forward, or None where autograd at W
+        must measure instead (on="parameters", a second forward, an in-place change)."""
+        output, captured_input = self._output, self._input
+        forwards, self._forwards = self._forwards, 0
+        self._output, self._input = None, None
+        if self.on == "parameters":
+            return None
+        if output is None:
+            raise RuntimeError(
+                "no forward pass was seen since the last step: run the model "
+                "(with gradients enabled) before balancer.backward()"
+            )
+        if forwards > 1:
+            self._warn_reuse(forwards)
+            if self.on == "last_layer":
+                return None  # autograd at W = the layer's weight: exact over every forward
+        if output._version != self._output_version:
+            # Modified in place after the layer: the captured tensor no longer holds z.
+            self._protect_output = True
+            return None
+        return output, captured_input
+
+    def _warn_reuse(self, forwards: int) -> None:
+        if self._warned_reuse:
+            return
+        self._warned_reuse = True
+        fallback = (
+            "measured by autograd at W instead (slower)"
+            if self.on == "last_layer"
+            else "only the last forward's output is used; pass on='parameters'"
+        )
+        warnings.warn(
+            f"the shared layer ran {forwards} times since the last balancer step (a second "
+            f"forward before balancer.backward); the task gradients are {fallback}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
     def _by_autograd(self, losses: Sequence[Tensor]) -> Tensor:
         norms = []
         for loss in losses:
             norms.append(_norms_of(_grads(loss, self.params)))
         return torch.stack(norms).float()
+
+
+def _gram_of(per_task: Sequence[Sequence[Tensor]]) -> Tensor:
+    """sum over tensors k of S_k S_k^T, S_k the (T, numel) stack of every task's k-th tensor."""
+    gram = None
+    for pieces in zip(*per_task, strict=True):
+        stacked = torch.stack([_compute_dtype(p).reshape(-1) for p in pieces])
+        part = stacked @ stacked.T
+        gram = part if gram is None else gram + part
+    assert gram is not None
+    return gram
 
 
 def _grads(loss: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
