@@ -150,7 +150,7 @@ class NashMTL(GramBalancer):
         due = self._steps % self.every == 0
         self._steps += 1
         if not due:
-            self.grads._take_capture()  # drop this step's captured tensors unused
+            self.grads.discard()  # this step's captured tensors go unused
         return due
 
     def weights_from_gram(self, gram: Tensor) -> Tensor:

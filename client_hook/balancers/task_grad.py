@@ -22,8 +22,11 @@ layer of weights to save on compute"):
 
 A second forward pass through the hooked layer before the step (a forward on another batch, an
 evaluation with gradients on) would leave the captured tensors unrelated to the losses, so every
-delta would be zero: that case is detected (the hook counts forwards), warned about once, and
-measured exactly by autograd at W instead.
+delta would be zero and G = 0: that case is detected (no loss reaches the captured output),
+warned about once, and measured by autograd at W instead (exact for ``"last_layer"``). Where the
+layer ran more than once and the losses do use the last run (a diagnostic forward before the
+step's, or a layer applied twice), ``"last_layer"`` also measures by autograd, silently: the
+captured run alone would miss the other uses of W.
 """
 
 from __future__ import annotations
@@ -129,13 +132,11 @@ class TaskGradNorms:
 
     def __call__(self, losses: Sequence[Tensor]) -> Tensor:
         """||grad_W L_i|| for each loss; the graph is retained for the step's own backward."""
-        captured = self._take_capture()
+        captured = self._deltas(losses)
         if captured is None:
             return self._by_autograd(losses)
-        output, captured_input = captured
-        # One backward per task from L_i to z, through the heads only. Kept as a list: stacking
-        # them would copy T x M x out floats for nothing.
-        deltas = [_grads(loss, [output])[0] for loss in losses]
+        deltas, captured_input = captured
+        # Kept as a list: stacking them would copy T x M x out floats for nothing.
         if self.on == "representation":
             norms = torch.stack([torch.linalg.vector_norm(_compute_dtype(d)) for d in deltas])
         else:
@@ -146,22 +147,21 @@ class TaskGradNorms:
     def gram(self, losses: Sequence[Tensor]) -> Tensor:
         """The (T, T) Gram matrix <grad_W L_i, grad_W L_j>, float32 (float64 for float64 models);
         the graph is retained for the step's own backward."""
-        captured = self._take_capture()
+        captured = self._deltas(losses)
         if captured is None:
             return _gram_of([_grads(loss, self.params) for loss in losses])
-        output, captured_input = captured
-        deltas = [_compute_dtype(_grads(loss, [output])[0]) for loss in losses]
+        deltas, captured_input = captured
         if self.on == "representation":
-            return _gram_of([(d,) for d in deltas])
+            return _gram_of([(_compute_dtype(d),) for d in deltas])
         assert captured_input is not None
         x = _compute_dtype(captured_input.reshape(-1, captured_input.shape[-1]))
-        rows = [d.reshape(-1, d.shape[-1]) for d in deltas]
+        rows = [_compute_dtype(d).reshape(-1, d.shape[-1]) for d in deltas]
         pieces = [((d.T @ x), d.sum(0)) if self.with_bias else (d.T @ x,) for d in rows]
         return _gram_of(pieces)
 
-    def _take_capture(self) -> tuple[Tensor, Tensor | None] | None:
-        """The layer's output and input from the step's forward, or None where autograd at W
-        must measure instead (on="parameters", a second forward, an in-place change)."""
+    def _deltas(self, losses: Sequence[Tensor]) -> tuple[list[Tensor], Tensor | None] | None:
+        """dL_i/dz for each task (one backward per task from L_i to z, through the heads only)
+        and the layer's input, or None where autograd at W must measure instead."""
         output, captured_input = self._output, self._input
         forwards, self._forwards = self._forwards, 0
         self._output, self._input = None, None
@@ -172,28 +172,37 @@ class TaskGradNorms:
                 "no forward pass was seen since the last step: run the model "
                 "(with gradients enabled) before balancer.backward()"
             )
-        if forwards > 1:
-            self._warn_reuse(forwards)
-            if self.on == "last_layer":
-                return None  # autograd at W = the layer's weight: exact over every forward
         if output._version != self._output_version:
             # Modified in place after the layer: the captured tensor no longer holds z.
             self._protect_output = True
             return None
-        return output, captured_input
+        found = [_grads(loss, [output], materialize=False)[0] for loss in losses]
+        if all(d is None for d, loss in zip(found, losses, strict=True) if loss.requires_grad):
+            if any(loss.requires_grad for loss in losses):
+                self._warn_unrelated(forwards)
+                return None
+        if forwards > 1 and self.on == "last_layer":
+            return None  # W was used more than once: autograd at W sums every use
+        deltas = [torch.zeros_like(output) if d is None else d for d in found]
+        return deltas, captured_input
 
-    def _warn_reuse(self, forwards: int) -> None:
+    def discard(self) -> None:
+        """Forget this step's capture (a step that measures nothing)."""
+        self._output, self._input, self._forwards = None, None, 0
+
+    def _warn_unrelated(self, forwards: int) -> None:
         if self._warned_reuse:
             return
         self._warned_reuse = True
         fallback = (
             "measured by autograd at W instead (slower)"
             if self.on == "last_layer"
-            else "only the last forward's output is used; pass on='parameters'"
+            else "measured over every shared parameter instead; W differs this step"
         )
         warnings.warn(
-            f"the shared layer ran {forwards} times since the last balancer step (a second "
-            f"forward before balancer.backward); the task gradients are {fallback}",
+            f"no task loss depends on the shared layer's last forward (it ran {forwards} times "
+            "since the last step: a second forward before balancer.backward?); G would be 0, "
+            f"so the task gradients are {fallback}",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -216,13 +225,14 @@ def _gram_of(per_task: Sequence[Sequence[Tensor]]) -> Tensor:
     return gram
 
 
-def _grads(loss: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def _grads(loss: Tensor, inputs: Sequence[Tensor], *, materialize: bool = True) -> tuple[Any, ...]:
     """d loss / d inputs, graph kept; zeros where the loss does not depend on them at all (a
-    constant loss, e.g. a task with no labels in the batch, has no graph to differentiate)."""
+    constant loss, e.g. a task with no labels in the batch, has no graph to differentiate), or
+    None there with ``materialize=False``."""
     if not loss.requires_grad:
-        return tuple(torch.zeros_like(t) for t in inputs)
+        return tuple(torch.zeros_like(t) if materialize else None for t in inputs)
     return torch.autograd.grad(
-        loss, inputs, retain_graph=True, allow_unused=True, materialize_grads=True
+        loss, inputs, retain_graph=True, allow_unused=True, materialize_grads=materialize
     )
 
 
