@@ -7,6 +7,17 @@ optimizer.zero_grad()
 monitor.observe(losses, weights=balancer.weights, extras=balancer.report())
 balancer.backward(losses)
 optimizer.step()
+
+`report()` read before `backward()` has this step's weights where they are known in advance;
+values a step computes (GradNorm's targets, the Gram methods' and FAMO's weights) belong to the
+step that computed them and are complete only after its `backward()`.
+
+Methods: fixed weights (equal, static), loss-based (uncertainty, DWA, RLW, FAMO), gradient-norm
+based (GradNorm, inverse-grad), direction-based (PCGrad) and Gram-based (UPGrad, Aligned-MTL,
+IMTL-G, CAGrad, Nash-MTL; `gram_weights.py`). Runtime code does not build on torchjd: the client
+depends on torch and the standard library only, and torchjd's UPGrad/CAGrad/Nash-MTL need numpy
+with quadprog or cvxpy at run time; every formula here is a few lines of torch on a T x T matrix.
+torchjd is the tests' independent reference (dev extra).
 """
 
 from __future__ import annotations
