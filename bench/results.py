@@ -3,12 +3,12 @@
 Problems (budgets keep the whole script near 10 CPU minutes on 2 shared cores: short runs,
 not converged ones: read the table as "after a fixed small budget"):
 - toy T=2 and T=10: the GradNorm paper's Section 4 problem (sigma = 1, 100 and 10 values spread
-  log-uniformly over [1, 100]), 300 (T=2) or 200 (T=10) steps of 100 fresh samples, Adam 1e-3,
+  log-uniformly over [1, 100]), 200 (T=2) or 100 (T=10) steps of 100 fresh samples, Adam 1e-3,
   GradNorm alpha 0.12.
-- synthetic C-MAPSS FD001 (RUL regression in cycles^2 + 3-class health), 4 epochs, batch 256,
+- synthetic C-MAPSS FD001 (RUL regression in cycles^2 + 3-class health), 3 epochs, batch 256,
   Adam 1e-3, GradNorm alpha 1.5.
 - digits: scikit-learn's load_digits, REAL data (bench/digits.py): digit class + ink mass
-  regression + reconstruction, losses ~350, ~2 and ~0.2 at the start; 8 epochs of batch 64,
+  regression + reconstruction, losses ~350, ~2 and ~0.2 at the start; 6 epochs of batch 64,
   Adam 1e-3, GradNorm alpha 1.5.
 
 "static (tuned)": weights w_i proportional to L_i(0)^-p (L_i(0) the first batch's loss),
@@ -20,6 +20,9 @@ for the toys). Gram methods measure all shared parameters (the papers' choice); 
 every 10 steps; CAGrad c = 0.4.
 
     .venv/bin/python bench/results.py [--out docs/results.md] [--quick] [--server URL]
+        [--problems digits toy2 ...] [--costs costs.json]
+
+--problems and --costs let two processes share the work (same costs file, disjoint problems).
 
 --server streams every run to a gradwatch server, one project per problem (results-toy2, ...),
 so that the compare page shows them; without it nothing is sent.
@@ -69,21 +72,21 @@ def problems(quick: bool) -> list[Problem]:
 
         return DigitsProblem(seed=seed)
 
-    scale = 0.2 if quick else 1.0
+    scale = 0.2 if quick else 1.0  # budgets: near 10 CPU minutes for everything
     digit_config = TrainConfig(
-        dataset="digits", epochs=int(8 * scale) or 1, batch_size=64, lr=1e-3, alpha=1.5
+        dataset="digits", epochs=int(6 * scale) or 1, batch_size=64, lr=1e-3, alpha=1.5
     )
     return [
         Problem(
-            "toy2", "Toy, T=2", toy(2, int(300 * scale) or 50), {"normalised_test_loss": "low"}
+            "toy2", "Toy, T=2", toy(2, int(200 * scale) or 50), {"normalised_test_loss": "low"}
         ),
         Problem(
-            "toy10", "Toy, T=10", toy(10, int(200 * scale) or 50), {"normalised_test_loss": "low"}
+            "toy10", "Toy, T=10", toy(10, int(100 * scale) or 50), {"normalised_test_loss": "low"}
         ),
         Problem(
             "cmapss",
             "Synthetic C-MAPSS FD001",
-            TrainConfig(dataset="cmapss", epochs=int(4 * scale) or 1),
+            TrainConfig(dataset="cmapss", epochs=int(3 * scale) or 1),
             {"rmse": "low", "health_accuracy": "high"},
         ),
         Problem(
@@ -265,6 +268,18 @@ def step_costs(rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) / base for name, t in times.items()}
 
 
+def load_or_measure_costs(path: str | None, rounds: int) -> dict[str, float]:
+    """Step costs from `path` when it exists (parallel runs share one measurement)."""
+    import json
+
+    if path and Path(path).exists():
+        return json.loads(Path(path).read_text())
+    costs = step_costs(rounds)
+    if path:
+        Path(path).write_text(json.dumps(costs))
+    return costs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="write the results table")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
@@ -272,13 +287,17 @@ def main() -> int:
     parser.add_argument("--server", metavar="URL", default=None, help="stream runs to gradwatch")
     parser.add_argument("--cost-rounds", type=int, default=5)
     parser.add_argument("--methods", nargs="*", default=None, help="a subset (smoke tests)")
+    parser.add_argument("--problems", nargs="*", default=None, help="a subset, in this order")
+    parser.add_argument(
+        "--costs", metavar="JSON", default=None, help="step costs: read if present, else saved"
+    )
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     seeds = [0] if args.quick else [0, 1, 2]
     started = time.perf_counter()
-    costs = step_costs(2 if args.quick else args.cost_rounds)
+    costs = load_or_measure_costs(args.costs, 2 if args.quick else args.cost_rounds)
     lines = [
         "# Results",
         "",
@@ -297,7 +316,9 @@ def main() -> int:
         "weights (bench/balancer_cost.py's setting, 2 tasks).",
         "",
     ]
-    for problem in problems(args.quick):
+    chosen_problems = {p.key: p for p in problems(args.quick)}
+    for key in args.problems or list(chosen_problems):
+        problem = chosen_problems[key]
         rows, chosen = evaluate_problem(problem, seeds, args.server, args.methods)
         lines += problem_table(problem, rows, chosen, costs)
         Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")  # progress so far
