@@ -1,5 +1,8 @@
 """Step time of each balancer against equal weights, in one run, plus two GradNorm peers.
 
+Every method of `make_balancer` with its defaults (GradNorm alpha 1.5; the Gram methods over all
+shared parameters; Nash-MTL solving every 10 steps), plus cheaper or dearer variants.
+
 Setting (issue 4): dual-task model (RUL regression + 3-class health) with a 4x1024 shared trunk,
 CPU, `torch.set_num_threads(1)`, batch 256, 420 input features (a 30x14 C-MAPSS window).
 Methods are timed round-robin, one step each per round, so that a noisy machine slows all of them
@@ -88,7 +91,7 @@ def build_steps(
     import torch
     import torch.nn.functional as F
 
-    from client_hook.balancers import make_balancer
+    from client_hook.balancers import METHODS, make_balancer
     from client_hook.trainer.models import dual_task_mlp
 
     generator = torch.Generator().manual_seed(0)
@@ -118,10 +121,9 @@ def build_steps(
 
         return step
 
-    steps = {
-        m: balancer_step(m, alpha=1.5)
-        for m in ("equal", "gradnorm", "uncertainty", "dwa", "inverse-grad", "pcgrad")
-    }
+    steps = {m: balancer_step(m, **({"alpha": 1.5} if m == "gradnorm" else {})) for m in METHODS}
+    steps["upgrad on=last_layer"] = balancer_step("upgrad", on="last_layer")
+    steps["nash-mtl every=1"] = balancer_step("nash-mtl", every=1)
     steps["gradnorm on=parameters"] = balancer_step("gradnorm", alpha=1.5, on="parameters")
     steps["peer: create_graph"] = create_graph_gradnorm_step(copy.deepcopy(template), losses_of)
     if libmtl_gradnorm is not None:

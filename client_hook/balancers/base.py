@@ -16,6 +16,7 @@ costs no host synchronisation (see torch's `clip_grad_norm_` for the same habit)
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -23,11 +24,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+SLICES_WARNING = (
+    "the task losses are slices of one tensor: each per-task gradient pass then runs backward "
+    "through every task's head (about twice GradNorm's step time with 10 tasks); compute each "
+    "task's loss as its own tensor, e.g. F.mse_loss(out[task], y[task]) per task"
+)
+
 
 class Balancer(ABC):
     """Common interface: `weights`, `backward()`, `report()`, `parameters()`, `end_epoch()`."""
 
     name = "balancer"
+    _warned_slices = False
     weighted_sum_backward = True
     """True when `backward()` is exactly the backward of `sum_i w_i L_i` and nothing else: a
     monitor may then read the combined gradient from it (`GradMonitor(reuse_backward=...)`).
@@ -88,6 +96,16 @@ class Balancer(ABC):
         return f"{type(self).__name__}(tasks={list(self.tasks)})"
 
 
+def warn_if_slices(balancer: Balancer, losses: Mapping[str, Tensor]) -> None:
+    """Warn once per balancer when every loss is a view of one stacked tensor (host check only)."""
+    if balancer._warned_slices or len(losses) < 2:
+        return
+    bases = {id(loss._base) if loss._base is not None else None for loss in losses.values()}
+    if len(bases) == 1 and None not in bases:
+        balancer._warned_slices = True
+        warnings.warn(SLICES_WARNING, RuntimeWarning, stacklevel=3)
+
+
 def shared_parameters(shared: nn.Module | Iterable[Tensor]) -> list[Tensor]:
     """The trainable tensors of a module, or a list of tensors as given."""
     params = list(shared.parameters()) if isinstance(shared, nn.Module) else list(shared)
@@ -95,3 +113,18 @@ def shared_parameters(shared: nn.Module | Iterable[Tensor]) -> list[Tensor]:
     if not params:
         raise ValueError("the shared part has no trainable parameters")
     return params
+
+
+def restore_if_not(
+    ok: Tensor, optimizer: torch.optim.Optimizer, leaf: Tensor, before: Tensor, state: dict
+) -> None:
+    """Undo an optimiser step on `leaf` (value and moments) where `ok` is False, without a host
+    read: a step that must not happen (a NaN loss) leaves no trace, momentum included."""
+    with torch.no_grad():
+        leaf.copy_(torch.where(ok, leaf, before))
+        current = optimizer.state[leaf]
+        for key, value in current.items():
+            if not isinstance(value, Tensor):
+                continue
+            old = state.get(key, torch.zeros_like(value))
+            current[key] = torch.where(ok.to(value.device), value, old.to(value.device))

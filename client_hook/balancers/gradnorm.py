@@ -12,6 +12,18 @@ The network gets the plain weighted gradient of sum_i w_i L_i; nothing of L_grad
 the norms are computed without a graph (see `task_grad.py`) and L_grad is differentiated with
 `torch.autograd.grad(L_grad, [w])`. The weights have their own Adam (kept across steps), are kept
 finite and strictly positive, and are renormalised to sum to T after every step.
+
+Non-finite losses: a step whose balancer loss is not finite moves no weight, Adam's moments and
+step count included (the step is undone on the device, no host read). L_i(0) is each task's
+first FINITE loss: a NaN in the first step does not become the reference.
+
+`report()` read before `backward()` (the order of the loop in `__init__`) has the weights only:
+the targets of this step do not exist yet, and the previous step's are not handed out as if they
+were this one's. Read after `backward()`, it has this step's targets and balancer loss.
+
+Speed: give each task's loss as its own tensor. Slices of one stacked tensor
+(``{t: per_task[i]}``) make every per-task pass run through every head (6.0 -> 11.9 ms per
+step with 10 tasks); a warning says so once.
 """
 
 from __future__ import annotations
@@ -22,8 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from client_hook.balancers.base import Balancer
+from client_hook.balancers.base import Balancer, restore_if_not, warn_if_slices
 from client_hook.balancers.task_grad import TaskGradNorms
+
+OLD_LR_NAME = (
+    "GradNorm's `lr` was renamed `task_weight_lr`: it is the learning rate of the task weights "
+    "(paper: 0.025), not the network's; give the network's to your own optimiser"
+)
 
 _TINY = 1e-12
 
@@ -35,7 +52,8 @@ class GradNorm(Balancer):
         tasks: task names, in a fixed order.
         shared: the shared module (or a list of its tensors when ``on="parameters"``).
         alpha: strength of the restoring force (paper: 1.5 NYUv2, 0.12 toy; 0 equalises G_i).
-        lr: Adam learning rate of the weights (paper, Section 5.1: 0.025).
+        task_weight_lr: Adam learning rate of the task weights (paper, Section 5.1: 0.025); not
+            the network's learning rate.
         on: W = ``"last_layer"`` (default), ``"parameters"`` or ``"representation"``.
         initial_loss: fixed L_i(0) for some tasks, e.g. ``{"health": math.log(3)}`` for a
             3-class cross-entropy (paper, footnote 2); the others take the first step's loss.
@@ -54,11 +72,16 @@ class GradNorm(Balancer):
         shared: nn.Module | Iterable[Tensor],
         *,
         alpha: float = 1.5,
-        lr: float = 0.025,
+        task_weight_lr: float = 0.025,
         on: str | None = None,
         initial_loss: Mapping[str, float] | None = None,
         floor: float = 1e-3,
+        **old: Any,
     ) -> None:
+        if "lr" in old:
+            raise TypeError(OLD_LR_NAME)
+        if old:
+            raise TypeError(f"GradNorm got unknown options: {sorted(old)}")
         super().__init__(tasks)
         if floor <= 0:
             raise ValueError("floor must be > 0 so that the weights stay strictly positive")
@@ -71,20 +94,25 @@ class GradNorm(Balancer):
         device = self.grad_norms.device
         # The learnable weights: one leaf tensor and one Adam, both kept for the whole run.
         self.raw_weights = torch.ones(self.num_tasks, device=device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.raw_weights], lr=lr)
+        self.optimizer = torch.optim.Adam(
+            [self.raw_weights],
+            lr=task_weight_lr,
+            capturable=device.type == "cuda",  # Adam's step count on the device: no host sync
+        )
         self._fixed_initial = dict(initial_loss or {})
         self.initial_losses: Tensor | None = None
         self._last: dict[str, Tensor] = {}
+        self._last_forward = -1
 
     def _weight_vector(self) -> Tensor:
         return self.raw_weights
 
     def backward(self, losses: Mapping[str, Tensor]) -> Tensor:
         stacked = self.stack(losses)
+        warn_if_slices(self, losses)
         weight = self.raw_weights
         detached = stacked.detach().float()
-        if self.initial_losses is None:
-            self.initial_losses = self._initial_from(detached)
+        self.initial_losses = self._initial_from(detached)
 
         # ||grad_W L_i||, no graph. From the caller's losses, not from views of `stacked`: a
         # backward from stacked[i] runs through the stack into EVERY task's head (with zeros).
@@ -100,7 +128,8 @@ class GradNorm(Balancer):
         total = (weight.detach().to(stacked.dtype) * stacked).sum()
         total.backward()
 
-        self._step_weights(weight_grad)
+        self._step_weights(weight_grad, torch.isfinite(balancer_loss))
+        self._last_forward = self.grad_norms.forward_count
         self._last = {
             "target": target,
             "balancer_loss": balancer_loss.detach(),
@@ -108,18 +137,27 @@ class GradNorm(Balancer):
         }
         return total.detach()
 
-    def _initial_from(self, first: Tensor) -> Tensor:
-        initial = first.clone()
-        for i, task in enumerate(self.tasks):
-            if task in self._fixed_initial:
-                initial[i] = float(self._fixed_initial[task])
-        return initial
+    def _initial_from(self, losses: Tensor) -> Tensor:
+        """L_i(0): the given value, else the first finite loss seen (NaN until one is seen)."""
+        if self.initial_losses is None:
+            fixed = torch.full_like(losses, float("nan"))
+            for i, task in enumerate(self.tasks):
+                if task in self._fixed_initial:
+                    fixed[i] = float(self._fixed_initial[task])
+            self.initial_losses = fixed
+        known = self.initial_losses
+        return torch.where(torch.isfinite(known), known, losses)
 
     @torch.no_grad()
-    def _step_weights(self, weight_grad: Tensor) -> None:
-        # A NaN/Inf loss must not poison Adam's moments: such a step moves no weight.
+    def _step_weights(self, weight_grad: Tensor, finite: Tensor) -> None:
+        # A NaN/Inf step moves no weight: the zeroed gradient alone is not enough, Adam's
+        # momentum would still move them, so the whole step is undone where it is not finite.
+        before = self.raw_weights.detach().clone()
+        state = {k: v.clone() for k, v in self.optimizer.state.get(self.raw_weights, {}).items()}
+        ok = finite & torch.isfinite(weight_grad).all()
         self.raw_weights.grad = torch.nan_to_num(weight_grad, nan=0.0, posinf=0.0, neginf=0.0)
         self.optimizer.step()
+        restore_if_not(ok, self.optimizer, self.raw_weights, before, state)
         w = self.raw_weights
         torch.nan_to_num_(w, nan=1.0, posinf=1.0, neginf=1.0)
         w.clamp_(min=self.floor)
@@ -127,7 +165,8 @@ class GradNorm(Balancer):
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task_weight": self.weights}
-        if self._last:
+        # After a new forward the last targets belong to the previous step: not handed out.
+        if self._last and self.grad_norms.forward_count == self._last_forward:
             target = self._last["target"]
             out["target_grad_norm"] = {t: target[i] for i, t in enumerate(self.tasks)}
             out["balancer_loss"] = self._last["balancer_loss"]

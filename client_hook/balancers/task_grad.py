@@ -16,10 +16,22 @@ layer of weights to save on compute"):
   ones appended to x (x x^T + 1 in the Gram form).
 - ``"parameters"``: every trainable tensor of the given module (or the list given), by autograd.
 - ``"representation"``: the module's output h, G uses ||grad_h L_i||.
+
+`TaskGradNorms.gram` gives the T x T Gram matrix <grad_W L_i, grad_W L_j> of the same gradients
+(the input of the Gram-based balancers, `gram_weights.py`); its diagonal is the squared norms.
+
+A second forward pass through the hooked layer before the step (a forward on another batch, an
+evaluation with gradients on) would leave the captured tensors unrelated to the losses, so every
+delta would be zero and G = 0: that case is detected (no loss reaches the captured output),
+warned about once, and measured by autograd at W instead (exact for ``"last_layer"``). Where the
+layer ran more than once and the losses do use the last run (a diagnostic forward before the
+step's, or a layer applied twice), ``"last_layer"`` also measures by autograd, silently: the
+captured run alone would miss the other uses of W.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -73,6 +85,9 @@ class TaskGradNorms:
         # Set once an in-place op is seen on the layer's output (e.g. ReLU(inplace=True)): from
         # then on the hook hands the network a copy so the captured output stays intact.
         self._protect_output = False
+        self._forwards = 0  # forwards of the hooked layer since the last measurement
+        self._warned_reuse = False
+        self.forward_count = 0  # every forward of the shared module seen, never reset
         if on == "last_layer":
             assert isinstance(shared, nn.Module)
             linear = last_linear(shared)
@@ -87,6 +102,11 @@ class TaskGradNorms:
             self._handle = shared.register_forward_hook(self._capture)
         else:
             self.params = shared_parameters(shared)
+            if isinstance(shared, nn.Module):  # only counts forwards (see `forward_count`)
+                self._handle = shared.register_forward_hook(self._count)
+
+    def _count(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self.forward_count += 1
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +123,8 @@ class TaskGradNorms:
             return None
         if self._protect_output:
             output = output.clone()
+        self._forwards += 1
+        self.forward_count += 1
         self._input = inputs[0].detach() if inputs and isinstance(inputs[0], Tensor) else None
         self._output = output
         self._output_version = output._version
@@ -110,29 +132,80 @@ class TaskGradNorms:
 
     def __call__(self, losses: Sequence[Tensor]) -> Tensor:
         """||grad_W L_i|| for each loss; the graph is retained for the step's own backward."""
-        output = self._output
-        self._output, captured_input = None, self._input
-        self._input = None
-        if self.on == "parameters" or output is None:
-            if self.on != "parameters" and output is None:
-                raise RuntimeError(
-                    "no forward pass was seen since the last step: run the model "
-                    "(with gradients enabled) before balancer.backward()"
-                )
+        captured = self._deltas(losses)
+        if captured is None:
             return self._by_autograd(losses)
-        if output._version != self._output_version:
-            # Modified in place after the layer: the captured tensor no longer holds z.
-            self._protect_output = True
-            return self._by_autograd(losses)
-        # One backward per task from L_i to z, through the heads only. Kept as a list: stacking
-        # them would copy T x M x out floats for nothing.
-        deltas = [_grads(loss, [output])[0] for loss in losses]
+        deltas, captured_input = captured
+        # Kept as a list: stacking them would copy T x M x out floats for nothing.
         if self.on == "representation":
             norms = torch.stack([torch.linalg.vector_norm(_compute_dtype(d)) for d in deltas])
         else:
             assert captured_input is not None
             norms = linear_weight_grad_norms(captured_input, deltas, with_bias=self.with_bias)
         return norms.float()  # float32 whatever the model's dtype, as `_by_autograd` returns
+
+    def gram(self, losses: Sequence[Tensor]) -> Tensor:
+        """The (T, T) Gram matrix <grad_W L_i, grad_W L_j>, float32 (float64 for float64 models);
+        the graph is retained for the step's own backward."""
+        captured = self._deltas(losses)
+        if captured is None:
+            return _gram_of([_grads(loss, self.params) for loss in losses])
+        deltas, captured_input = captured
+        if self.on == "representation":
+            return _gram_of([(_compute_dtype(d),) for d in deltas])
+        assert captured_input is not None
+        x = _compute_dtype(captured_input.reshape(-1, captured_input.shape[-1]))
+        rows = [_compute_dtype(d).reshape(-1, d.shape[-1]) for d in deltas]
+        pieces = [((d.T @ x), d.sum(0)) if self.with_bias else (d.T @ x,) for d in rows]
+        return _gram_of(pieces)
+
+    def _deltas(self, losses: Sequence[Tensor]) -> tuple[list[Tensor], Tensor | None] | None:
+        """dL_i/dz for each task (one backward per task from L_i to z, through the heads only)
+        and the layer's input, or None where autograd at W must measure instead."""
+        output, captured_input = self._output, self._input
+        forwards, self._forwards = self._forwards, 0
+        self._output, self._input = None, None
+        if self.on == "parameters":
+            return None
+        if output is None:
+            raise RuntimeError(
+                "no forward pass was seen since the last step: run the model "
+                "(with gradients enabled) before balancer.backward()"
+            )
+        if output._version != self._output_version:
+            # Modified in place after the layer: the captured tensor no longer holds z.
+            self._protect_output = True
+            return None
+        found = [_grads(loss, [output], materialize=False)[0] for loss in losses]
+        if all(d is None for d, loss in zip(found, losses, strict=True) if loss.requires_grad):
+            if any(loss.requires_grad for loss in losses):
+                self._warn_unrelated(forwards)
+                return None
+        if forwards > 1 and self.on == "last_layer":
+            return None  # W was used more than once: autograd at W sums every use
+        deltas = [torch.zeros_like(output) if d is None else d for d in found]
+        return deltas, captured_input
+
+    def discard(self) -> None:
+        """Forget this step's capture (a step that measures nothing)."""
+        self._output, self._input, self._forwards = None, None, 0
+
+    def _warn_unrelated(self, forwards: int) -> None:
+        if self._warned_reuse:
+            return
+        self._warned_reuse = True
+        fallback = (
+            "measured by autograd at W instead (slower)"
+            if self.on == "last_layer"
+            else "measured over every shared parameter instead; W differs this step"
+        )
+        warnings.warn(
+            f"no task loss depends on the shared layer's last forward (it ran {forwards} times "
+            "since the last step: a second forward before balancer.backward?); G would be 0, "
+            f"so the task gradients are {fallback}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _by_autograd(self, losses: Sequence[Tensor]) -> Tensor:
         norms = []
@@ -141,13 +214,25 @@ class TaskGradNorms:
         return torch.stack(norms).float()
 
 
-def _grads(loss: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def _gram_of(per_task: Sequence[Sequence[Tensor]]) -> Tensor:
+    """sum over tensors k of S_k S_k^T, S_k the (T, numel) stack of every task's k-th tensor."""
+    gram = None
+    for pieces in zip(*per_task, strict=True):
+        stacked = torch.stack([_compute_dtype(p).reshape(-1) for p in pieces])
+        part = stacked @ stacked.T
+        gram = part if gram is None else gram + part
+    assert gram is not None
+    return gram
+
+
+def _grads(loss: Tensor, inputs: Sequence[Tensor], *, materialize: bool = True) -> tuple[Any, ...]:
     """d loss / d inputs, graph kept; zeros where the loss does not depend on them at all (a
-    constant loss, e.g. a task with no labels in the batch, has no graph to differentiate)."""
+    constant loss, e.g. a task with no labels in the batch, has no graph to differentiate), or
+    None there with ``materialize=False``."""
     if not loss.requires_grad:
-        return tuple(torch.zeros_like(t) for t in inputs)
+        return tuple(torch.zeros_like(t) if materialize else None for t in inputs)
     return torch.autograd.grad(
-        loss, inputs, retain_graph=True, allow_unused=True, materialize_grads=True
+        loss, inputs, retain_graph=True, allow_unused=True, materialize_grads=materialize
     )
 
 

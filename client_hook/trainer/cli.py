@@ -6,7 +6,24 @@ import argparse
 import os
 import sys
 
-METHODS = ("equal", "gradnorm", "uncertainty", "dwa", "inverse-grad", "pcgrad")
+# The same names as client_hook.balancers.METHODS (a test checks); repeated here so that
+# `gradwatch --help` does not import torch.
+METHODS = (
+    "equal",
+    "static",
+    "gradnorm",
+    "uncertainty",
+    "dwa",
+    "inverse-grad",
+    "pcgrad",
+    "rlw",
+    "famo",
+    "upgrad",
+    "aligned-mtl",
+    "imtl-g",
+    "cagrad",
+    "nash-mtl",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
@@ -37,8 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
         "--balancer-lr",
         type=float,
         default=0.025,
-        help="learning rate of learnable task weights (GradNorm, uncertainty) "
+        help="learning rate of learnable task weights (GradNorm, FAMO, uncertainty), "
+        "not the network's "
         "[0.025, the GradNorm paper's]",
+    )
+    parser.add_argument(
+        "--task-weights",
+        metavar="TASK=W,...",
+        default=None,
+        help="--method static: the fixed weight of each task, e.g. rul=1,health=0.1 [all 1]",
     )
     parser.add_argument("--seed", type=int, default=0, help="data and initialisation seed [0]")
     parser.add_argument(
@@ -94,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{option.replace('_', '-')} must be at least 1")
     if args.data and not os.path.isdir(args.data):
         return _fail(f"--data {args.data}: no such folder")
+    try:
+        task_weights = parse_task_weights(args.task_weights)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if task_weights is not None and args.method != "static":
+        return _fail("--task-weights is for --method static")
 
     from client_hook.trainer.loop import TrainConfig, train
 
@@ -112,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         steps_per_epoch=args.steps_per_epoch,
         initial_loss=args.initial_loss,
+        task_weights=task_weights,
         server=args.server,
         run_name=args.run_name,
         project=args.project,
@@ -120,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         result = train(config)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     final = result.final
     metrics = " ".join(f"{k}={v:.4g}" for k, v in final.metrics.items())
@@ -129,6 +160,23 @@ def run(args: argparse.Namespace) -> int:
         f"done: {config.dataset} {config.method} seed {config.seed}: {metrics}, grad ratio {ratio}"
     )
     return 0
+
+
+def parse_task_weights(text: str | None) -> dict[str, float] | None:
+    """'rul=1,health=0.1' -> {'rul': 1.0, 'health': 0.1}; a clear ValueError otherwise."""
+    if text is None:
+        return None
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or not weight > 0:
+            raise ValueError(f"--task-weights: {item!r} is not TASK=POSITIVE_NUMBER")
+        weights[name.strip()] = weight
+    return weights
 
 
 def _fail(message: str) -> int:

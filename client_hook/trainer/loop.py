@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from client_hook import gradstats
-from client_hook.balancers import Balancer, make_balancer
+from client_hook.balancers import Balancer, accepted_options, make_balancer
 from client_hook.trainer.progress import ProgressBar
 
 # Per-dataset defaults; the C-MAPSS ones keep the README demo near a minute on 2 CPU cores.
@@ -43,6 +43,7 @@ class TrainConfig:
     tasks: int = 2
     steps_per_epoch: int = 100
     initial_loss: str = "first"
+    task_weights: dict[str, float] | None = None
     server: str | None = None
     token: str | None = None
     run_name: str | None = None
@@ -137,24 +138,20 @@ def _fmt(values: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in values.items())
 
 
-def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
-    """Train with `config`; print one summary line per epoch to `out` (default stdout)."""
+def train(config: TrainConfig, *, out: TextIO | None = None, problem: Any = None) -> TrainResult:
+    """Train with `config`; print one summary line per epoch to `out` (default stdout).
+
+    `problem`: a ready problem object with the interface of `ToyProblem` (tasks, model, shared,
+    batches, probe, losses, evaluate, initial_loss_hint, steps_per_epoch) instead of the one
+    `config.dataset` names (bench/results.py trains its real-data problem this way).
+    """
     out = out or sys.stdout
-    config = config.resolved()
+    config = config.resolved() if config.dataset in DEFAULTS else config
     device = resolve_device(config.device)
-    problem = build_problem(config, device)
+    problem = problem if problem is not None else build_problem(config, device)
     tasks = list(problem.tasks)
     hint = problem.initial_loss_hint() if config.initial_loss == "logc" else {}
-    balancer: Balancer = make_balancer(
-        config.method,
-        tasks,
-        problem.shared,
-        alpha=config.alpha,
-        lr=config.balancer_lr,
-        initial_loss=hint,
-        seed=config.seed,
-        device=device,
-    )
+    balancer = build_balancer(config, problem, hint, device)
     groups: list[dict[str, Any]] = [{"params": list(problem.model.parameters()), "lr": config.lr}]
     if balancer.parameters():
         groups.append({"params": balancer.parameters(), "lr": config.balancer_lr})
@@ -176,6 +173,21 @@ def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
         if monitor is not None:
             monitor.close(status)
     return result
+
+
+def build_balancer(config: TrainConfig, problem: Any, hint: dict, device: torch.device) -> Balancer:
+    """The method's balancer with those of the trainer's settings that it takes."""
+    offered: dict[str, Any] = {
+        "alpha": config.alpha,
+        "task_weight_lr": config.balancer_lr,
+        "initial_loss": hint,
+        "seed": config.seed,
+        "device": device,
+        "weights": config.task_weights,
+    }
+    allowed = accepted_options(config.method)
+    options = {k: v for k, v in offered.items() if k in allowed}
+    return make_balancer(config.method, list(problem.tasks), problem.shared, **options)
 
 
 def _make_monitor(

@@ -17,8 +17,10 @@ from client_hook.balancers import (
     InverseGradNormWeighting,
     PCGrad,
     UncertaintyWeighting,
+    accepted_options,
     make_balancer,
 )
+from client_hook.trainer.cli import METHODS as CLI_METHODS
 from client_hook.trainer.models import MultiTaskMLP
 
 TASKS = ["a", "b"]
@@ -190,7 +192,9 @@ def test_pcgrad_leaves_agreeing_gradients_unchanged():
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_reports_a_positive_weight_per_task(method: str):
     model = make_model()
-    balancer = make_balancer(method, TASKS, model.shared, alpha=1.5, seed=0)
+    offered = {"alpha": 1.5, "seed": 0}
+    options = {k: v for k, v in offered.items() if k in accepted_options(method)}
+    balancer = make_balancer(method, TASKS, model.shared, **options)
     balancer.backward(losses_of(model))
     report = balancer.report()
     assert set(report["task_weight"]) == set(TASKS)
@@ -207,3 +211,29 @@ def test_backward_rejects_losses_for_other_tasks():
     model = make_model()
     with pytest.raises(KeyError):
         EqualWeights(TASKS).backward({"a": losses_of(model)["a"]})
+
+
+def test_make_balancer_refuses_an_option_the_method_does_not_take():
+    with pytest.raises(TypeError, match="equal does not take alpha"):
+        make_balancer("equal", TASKS, make_model().shared, alpha=1.5)
+
+
+@pytest.mark.parametrize("method", ["gradnorm", "famo"])
+def test_make_balancer_refuses_the_old_lr_name_with_its_new_name(method: str):
+    with pytest.raises(TypeError, match="task_weight_lr"):
+        make_balancer(method, TASKS, make_model().shared, lr=1e-3)
+
+
+def test_make_balancer_passes_the_task_weight_learning_rate():
+    balancer = make_balancer("gradnorm", TASKS, make_model().shared, task_weight_lr=0.5)
+    assert balancer.optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_static_method_takes_fixed_weights():
+    model = make_model()
+    make_balancer("static", TASKS, weights={"a": 0.25}).backward(losses_of(model))
+    assert_same(grads(model), plain_grads(model, {"a": 0.25, "b": 1.0}))
+
+
+def test_the_command_line_offers_every_method():
+    assert CLI_METHODS == METHODS

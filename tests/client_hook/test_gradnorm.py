@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def train_steps(model: nn.Module, balancer: GradNorm, steps: int, seed: int = 0)
 
 def test_weights_stay_finite_positive_and_sum_to_task_count_after_every_step():
     model = make_model()
-    balancer = GradNorm(TASKS, model.shared, alpha=1.5, lr=0.05)
+    balancer = GradNorm(TASKS, model.shared, alpha=1.5, task_weight_lr=0.05)
     for _ in train_steps(model, balancer, 60):
         w = balancer.raw_weights.detach()
         assert torch.isfinite(w).all()
@@ -67,7 +68,7 @@ def test_weights_stay_finite_positive_and_sum_to_task_count_after_every_step():
 
 def test_weights_stay_positive_with_a_large_alpha_and_learning_rate():
     model = make_model()
-    balancer = GradNorm(TASKS, model.shared, alpha=3.0, lr=1.0)
+    balancer = GradNorm(TASKS, model.shared, alpha=3.0, task_weight_lr=1.0)
     for _ in train_steps(model, balancer, 40):
         w = balancer.raw_weights.detach()
         assert torch.isfinite(w).all() and (w > 0).all()
@@ -126,7 +127,7 @@ def test_weight_gradient_is_nonzero_for_every_task():
 
 def test_alpha_zero_drives_the_weighted_norms_together():
     model = make_model()
-    balancer = GradNorm(TASKS, model.shared, alpha=0.0, lr=0.01)
+    balancer = GradNorm(TASKS, model.shared, alpha=0.0, task_weight_lr=0.01)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
     x, rul, health = make_batch(7)
     batch = (x, rul / 5, health)  # a 20-50x imbalance, well above the weight floor
@@ -143,7 +144,7 @@ def test_alpha_zero_drives_the_weighted_norms_together():
 
 def test_toy_two_tasks_raises_the_small_sigma_weight():
     problem = ToyProblem(2, seed=0, batch_size=100)
-    balancer = GradNorm(problem.tasks, problem.shared, alpha=0.12, lr=0.025)
+    balancer = GradNorm(problem.tasks, problem.shared, alpha=0.12, task_weight_lr=0.025)
     optimizer = torch.optim.Adam(problem.model.parameters(), lr=1e-3)
     for _ in range(300):
         x, y = problem.sample(100)
@@ -262,3 +263,84 @@ def test_backward_without_a_forward_pass_is_an_error():
     loss = {t: torch.tensor(1.0, requires_grad=True) for t in TASKS}
     with pytest.raises(RuntimeError, match="no forward pass"):
         balancer.backward(loss)
+
+
+def test_nan_loss_moves_no_weight_even_through_adam_momentum():
+    model = make_model()
+    balancer = GradNorm(TASKS, model.shared, task_weight_lr=0.05)
+    for _ in train_steps(model, balancer, 3):
+        pass
+    weights = balancer.raw_weights.detach().clone()
+    state = {k: v.clone() for k, v in balancer.optimizer.state[balancer.raw_weights].items()}
+    losses = losses_of(model, make_batch(50))
+    losses["rul"] = losses["rul"] * float("nan")
+    balancer.backward(losses)
+    torch.testing.assert_close(balancer.raw_weights.detach(), weights, rtol=0, atol=0)
+    for key, value in balancer.optimizer.state[balancer.raw_weights].items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_nan_first_loss_does_not_become_the_initial_loss():
+    model = make_model()
+    balancer = GradNorm(TASKS, model.shared, task_weight_lr=0.05)
+    first = losses_of(model, make_batch(0))
+    first["rul"] = first["rul"] * float("nan")
+    balancer.backward(first)
+    assert math.isnan(balancer.initial_losses[0].item())
+    model.zero_grad()
+    second = losses_of(model, make_batch(1))
+    balancer.backward(second)
+    assert balancer.initial_losses[0].item() == pytest.approx(second["rul"].item())
+    for _ in train_steps(model, balancer, 3, seed=2):
+        pass
+    assert not torch.allclose(balancer.raw_weights.detach(), torch.ones(2))
+
+
+def test_a_second_forward_before_backward_warns_and_still_measures_g():
+    model = make_model()
+    balancer = GradNorm(TASKS, model.shared)
+    losses = losses_of(model, make_batch(3))
+    model(make_batch(4)[0])  # e.g. a forward on another batch, gradients on
+    expected = torch.stack(
+        [
+            torch.autograd.grad(losses[t], last_weight(model), retain_graph=True)[0].norm()
+            for t in TASKS
+        ]
+    )
+    with pytest.warns(RuntimeWarning, match="no task loss depends"):
+        balancer.backward(losses)
+    torch.testing.assert_close(balancer._last["grad_norm"], expected)
+    assert (balancer._last["grad_norm"] > 0).all()
+
+
+def test_report_before_backward_does_not_hand_out_the_previous_targets():
+    model = make_model()
+    balancer = GradNorm(TASKS, model.shared)
+    balancer.backward(losses_of(model, make_batch(0)))
+    model.zero_grad()
+    losses = losses_of(model, make_batch(1))  # the next step's forward
+    assert set(balancer.report()) == {"task_weight"}
+    balancer.backward(losses)
+    assert set(balancer.report()) == {"task_weight", "target_grad_norm", "balancer_loss"}
+
+
+def test_the_old_learning_rate_name_is_refused_with_the_new_one():
+    with pytest.raises(TypeError, match="task_weight_lr"):
+        GradNorm(TASKS, make_model().shared, lr=1e-3)
+
+
+def test_a_diagnostic_forward_before_the_step_neither_warns_nor_changes_g():
+    model = make_model()
+    balancer = GradNorm(TASKS, model.shared)
+    model(make_batch(4)[0])  # e.g. a probe between steps, gradients on
+    losses = losses_of(model, make_batch(3))
+    expected = torch.stack(
+        [
+            torch.autograd.grad(losses[t], last_weight(model), retain_graph=True)[0].norm()
+            for t in TASKS
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balancer.backward(losses)
+    torch.testing.assert_close(balancer._last["grad_norm"], expected)
