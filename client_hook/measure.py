@@ -90,6 +90,10 @@ class StepMeasurer:
         self._host = _snapshot({"weights": list(weights), **extras})
         self.pending = MicroBatch(list(losses), direct, grads, reader)
 
+    def note(self, extras: Mapping[str, Any]) -> None:
+        """Add what a balancer reported after the pending micro-batch's backward."""
+        self._host.update(_snapshot(extras))
+
     def settle(self) -> None:
         """Complete the pending micro-batch (its backward has run, or never will)."""
         batch, self.pending = self.pending, None

@@ -182,6 +182,7 @@ class GradMonitor:
         self.epoch = 0
         self.last_record: dict | None = None
         self._samples: list[StepSample] = []
+        self._weights: Mapping[str, Any] = {}  # of the last measured micro-batch
         self._step_in_epoch = 0  # optimizer steps begun in this epoch
         self._micro = 0  # micro-batches observed in the current optimizer step
         self._sampled = False  # the current optimizer step is measured
@@ -213,7 +214,8 @@ class GradMonitor:
 
         ``weights`` are the w_i of the combined loss ``sum_i w_i L_i`` (default 1). ``extras``
         from a balancer: ``{"target_grad_norm": {task: t}, "balancer_loss": t,
-        "task_weight": {task: t}}``.
+        "task_weight": {task: t}}``; what a balancer only knows after the backward goes to
+        `note`.
         """
         micro = self._micro
         if micro >= self.accumulation_steps:  # the previous optimizer step is complete
@@ -249,6 +251,28 @@ class GradMonitor:
             self._sampled = False
             self.measurer.discard()
             return
+        by_task = self._extras(extras, weights)
+        try:
+            self.measurer.observe(loss_list, [weights.get(t, 1.0) for t in self.tasks], by_task)
+            self._weights = weights
+        except Exception as exc:  # noqa: BLE001 - statistics must never break training
+            self._sampled = False
+            self.measurer.discard()
+            self.warn(
+                "sample",
+                f"gradwatch: could not measure a step ({exc!r}); steps like it are skipped "
+                "and training continues",
+            )
+
+    def note(self, extras: Mapping[str, Any]) -> None:
+        """Add what a balancer reported after the step's backward (``balancer.report()``:
+        GradNorm's targets and ``L_grad``) to the step just observed; ignored when that step is
+        not measured. Same keys as ``observe``'s ``extras``."""
+        if self._sampled and self.measurer.pending is not None:
+            self.measurer.note(self._extras(extras, self._weights))
+
+    def _extras(self, extras: Mapping[str, Any], weights: Mapping[str, Any]) -> dict[str, Any]:
+        """A balancer's report as per-task lists in task order."""
         by_task = {
             name: [values.get(t, default) for t in self.tasks]
             for name, values, default in (
@@ -265,16 +289,7 @@ class GradMonitor:
                 weights.get(t, 1.0) if v is None else v
                 for t, v in zip(self.tasks, given, strict=True)
             ]
-        try:
-            self.measurer.observe(loss_list, [weights.get(t, 1.0) for t in self.tasks], by_task)
-        except Exception as exc:  # noqa: BLE001 - statistics must never break training
-            self._sampled = False
-            self.measurer.discard()
-            self.warn(
-                "sample",
-                f"gradwatch: could not measure a step ({exc!r}); steps like it are skipped "
-                "and training continues",
-            )
+        return by_task
 
     def _catch_up(self, end_step: bool = False) -> None:
         """Settle the pending micro-batch; with `end_step`, close the optimizer step."""

@@ -6,6 +6,7 @@ optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=1
 optimizer.zero_grad()
 monitor.observe(losses, weights=balancer.weights, extras=balancer.report())
 balancer.backward(losses)
+monitor.note(balancer.report())  # what the backward computed (GradNorm's targets)
 optimizer.step()
 
 `report()` read before `backward()` has this step's weights where they are known in advance;

@@ -236,6 +236,8 @@ def _run_epoch(
         if monitor is not None:
             monitor.observe(losses, weights=balancer.weights, extras=balancer.report())
         total = balancer.backward(losses)
+        if monitor is not None:
+            monitor.note(balancer.report())  # what the backward computed (GradNorm's targets)
         optimizer.step()
         loss_sum += balancer.stack(losses).detach().float()
         total_sum += total.float()
