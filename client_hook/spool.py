@@ -258,13 +258,12 @@ class EpochJournal:
             self._lock, self._pid = threading.Lock(), os.getpid()
             self._fd, self._path, self._lines = None, None, {}
         with self._lock:
-            if self._fd is None:
+            if self._fd is None or self._path is None:
                 self.spool.dir.mkdir(parents=True, exist_ok=True)
-                path = self.spool.new_segment_path()
+                self._path = self.spool.new_segment_path()
                 flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-                self._fd, self._path = os.open(path, flags, 0o644), path
+                self._fd = os.open(self._path, flags, 0o644)
             path = self._path
-            assert path is not None
             try:
                 write_all(self._fd, data)
             except OSError:
