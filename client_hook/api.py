@@ -132,10 +132,22 @@ class RunUploader:
             raise
 
     def send_status(self, status: str, timeout: float | None = None) -> None:
+        """Set the final status; a server older than the `interrupted` status (422) gets
+        `crashed` instead, the nearest it knows."""
         self.ensure_run(timeout)
-        self.client.request(
-            "PATCH", f"/api/runs/{self.run_id}", {"status": status}, timeout=timeout
-        )
+        try:
+            self.client.request(
+                "PATCH", f"/api/runs/{self.run_id}", {"status": status}, timeout=timeout
+            )
+        except RefusedError as exc:
+            if status != "interrupted" or exc.status != 422:
+                raise
+            self.send_status("crashed", timeout)
+
+    def send_heartbeat(self, timeout: float | None = None) -> None:
+        """The process is alive (204); RefusedError 404/405 from a server without heartbeats."""
+        self.ensure_run(timeout)
+        self.client.request("POST", f"/api/runs/{self.run_id}/heartbeat", {}, timeout=timeout)
 
 
 def upload(uploader: RunUploader, records: list[dict], status: str | None) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from client_hook import gradstats
+from client_hook import gradstats, signals
 from client_hook.api import TOKEN_ENV, URL_ENV, ApiClient, RunUploader, check_url
 from client_hook.distributed import global_batch_reducer
 from client_hook.engine import ParamGroups, StepSample
@@ -118,6 +118,8 @@ class GradMonitor:
             reports its own run named ``<run_name>-rank<r>`` with ``config["rank"]`` and
             ``config["world_size"]`` set, its id derived as ``uuid5(run_id, "rank<r>")``.
         flush_timeout: the longest `close` waits for delivery.
+        heartbeat_interval: seconds between "still alive" requests to the server when no epoch
+            was acknowledged meanwhile (None: none), so that a killed job shows as lost.
         request_timeout: seconds before one HTTP request to a hanging server is given up.
         reuse_backward: read the combined gradient from the training step's own ``backward()``
             so that only T-1 task gradients are computed (`client_hook.engine`; verified, falls
@@ -145,6 +147,7 @@ class GradMonitor:
         flush_timeout: float = 10.0,
         request_timeout: float = 5.0,
         reuse_backward: bool = True,
+        heartbeat_interval: float | None = 30.0,
     ) -> None:
         self.tasks = list(tasks)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
@@ -157,6 +160,7 @@ class GradMonitor:
         self.accumulation_steps = int(accumulation_steps)
         self.flush_timeout = flush_timeout
         self.request_timeout = request_timeout
+        self.heartbeat_interval = heartbeat_interval
         self.warn = WarnOnce()
         reduce = global_batch_reducer(all_ranks)
         self.measurer = StepMeasurer(
@@ -190,6 +194,8 @@ class GradMonitor:
         self._closed = False
         self.report: DeliveryReport | None = None
         atexit.register(self._at_exit)
+        if self._worker is not None:
+            signals.watch(self)  # SIGTERM: close as `interrupted`, then the previous handler
 
     def _make_sink(self, token: str | None, spool_dir: Any, local_path: Any) -> FileSink | HttpSink:
         if self.server_url:
@@ -197,7 +203,14 @@ class GradMonitor:
                 check_url(self.server_url), token or os.environ.get(TOKEN_ENV), self.request_timeout
             )
             spool = RunSpool(Path(spool_dir) if spool_dir else default_spool_dir(), self.run_id)
-            return HttpSink(RunUploader(client, self.run), spool, client.base_url, self.warn)
+            uploader = RunUploader(client, self.run)
+            return HttpSink(
+                uploader,
+                spool,
+                client.base_url,
+                self.warn,
+                heartbeat_interval=self.heartbeat_interval,
+            )
         default = Path.cwd() / ".gradwatch" / "runs" / f"{self.run_id}.jsonl"
         self.local_path = Path(local_path) if local_path else default
         return FileSink(self.local_path, self.run, self.warn)
@@ -377,6 +390,7 @@ class GradMonitor:
         self._closed = True
         self.measurer.discard()
         atexit.unregister(self._at_exit)
+        signals.unwatch(self)
         if self._worker is None:
             return None
         self._worker.submit(status)

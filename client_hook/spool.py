@@ -3,18 +3,18 @@
 Spool (``GRADWATCH_SPOOL_DIR``, default ``.gradwatch/spool`` under the working directory)::
 
     <spool>/<run_id>/run.json             RunCreate payload + server URL, pid and host of the writer
-    <spool>/<run_id>/epoch-000000012.json one epoch not yet acknowledged by the server
-    <spool>/<run_id>/epochs-<seq>.json    several (a JSON list), written together
+    <spool>/<run_id>/epochs-<seq>.jsonl   epochs not yet acknowledged, one JSON line each
     <spool>/<run_id>/status.json          a final status not yet acknowledged
 
-Every epoch is written here *before* it is sent (write-ahead) and its file removed once the
-server acknowledged every epoch in it, so a crash of the client or the server at any moment
-loses nothing; a resend is harmless because the server skips identical epochs. ``gradwatch
-sync`` delivers what is left. The delivery thread writes the epochs it takes in one poll as one
-``epochs-`` file (one fsync, not one per epoch: ~0.3 ms of CPU each on a 2-core machine, more
-than the rest of an epoch's delivery); the training thread, when the queue is full, writes one
-``epoch-`` file per epoch. Where two files hold the same epoch, the later one (in file-name
-order: single files first, then batches in the order written) wins.
+Every epoch is written here *before* it is sent (write-ahead), by the training thread inside
+``end_epoch()``: one plain write to the open ``epochs-`` segment (`EpochJournal`), no fsync. A
+killed process loses nothing whose write returned (the page cache is the kernel's); the delivery
+thread closes the segment with one fsync per wake-up (a machine crash is the only loss window,
+about a second) and removes it once the server acknowledged all its epochs. A resend is harmless
+because the server skips identical epochs; ``gradwatch sync`` delivers what is left. Where two
+lines hold the same epoch, the later one (in file-name order, then line order) wins. Files
+written by earlier versions (``epoch-N.json``, ``epochs-<seq>.json`` and a complete
+``.epoch*.tmp`` left by a killed process) are read too.
 
 Local run file (no server configured): JSON lines ``{"kind": "run"|"epoch"|"status", ...}`` that
 ``gradwatch import FILE`` uploads later. Non-finite floats are written as the API's strings
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -146,35 +147,28 @@ class RunSpool:
             return True
         return True
 
-    def _epoch_path(self, epoch: int) -> Path:
-        return self.dir / f"epoch-{epoch:09d}.json"
-
-    def write_epoch(self, record: dict) -> Path:
-        """One epoch in its own file (replacing an earlier one of the same epoch)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self._epoch_path(int(record["epoch"]))
-        _atomic_write(path, dumps(record))
-        return path
-
-    def write_epochs(self, records: list[dict]) -> Path:
-        """Several epochs in one new file, with one fsync."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # time, then a per-process counter: file-name order is the order written
-        path = self.dir / f"epochs-{time.time_ns():020d}-{os.getpid()}-{next(_BATCHES):06d}.json"
-        _atomic_write(path, dumps(records))
-        return path
+    def new_segment_path(self) -> Path:
+        """A new ``epochs-`` file name; file-name order is the order written (time, then a
+        per-process counter)."""
+        return self.dir / f"epochs-{time.time_ns():020d}-{os.getpid()}-{next(_BATCHES):06d}.jsonl"
 
     def spooled(self) -> list[tuple[Path, list[dict]]]:
         """Every spool file with the epochs it holds, in file-name order (later wins)."""
         if not self.dir.is_dir():
             return []
+        paths = [*self.dir.glob("epoch*.json"), *self.dir.glob("epochs-*.jsonl")]
+        paths += self.dir.glob(".epoch*.tmp")  # an earlier version's write, cut short by a kill
         out = []
-        for path in sorted([*self.dir.glob("epoch-*.json"), *self.dir.glob("epochs-*.json")]):
+        for path in sorted(paths, key=lambda p: p.name.lstrip(".")):
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                records = _read_records(path)
             except FileNotFoundError:  # another deliverer removed it meanwhile
                 continue
-            out.append((path, data if isinstance(data, list) else [data]))
+            except ValueError:
+                if path.suffix == ".tmp":  # incomplete: its writer never finished it
+                    continue
+                raise
+            out.append((path, records))
         return out
 
     def load_epochs(self, files: list[tuple[Path, list[dict]]] | None = None) -> list[dict]:
@@ -215,6 +209,96 @@ class RunSpool:
             self.dir.rmdir()
         except OSError:
             pass  # not empty: something new arrived; keep it
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The epochs of one spool file. In an ``epochs-*.jsonl`` segment a line that does not
+    parse is the last write of a killed process, cut short (its ``end_epoch()`` never
+    returned): skipped."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class EpochJournal:
+    """The write-ahead of one run's epochs: `append` on the training thread, `seal` on the
+    delivery thread.
+
+    `append` is one ``write`` to the open segment (opened on the first append after a seal);
+    `seal` detaches the segment under the lock, then fsyncs and closes it outside it, so the
+    training thread never waits for the disk. A segment may be removed once it is sealed and
+    every line appended to it has been seen by the deliverer (`complete`)."""
+
+    def __init__(self, spool: RunSpool) -> None:
+        self.spool = spool
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._lines: dict[Path, int] = {}  # lines appended to each segment not yet forgotten
+        self._pid = os.getpid()
+
+    def append(self, record: dict) -> Path:
+        """Write `record` (OSError if the disk refuses); return the segment that holds it."""
+        data = (dumps(record) + "\n").encode()
+        if self._pid != os.getpid():  # a forked child writes its own segments
+            self._lock, self._pid = threading.Lock(), os.getpid()
+            self._fd, self._path, self._lines = None, None, {}
+        with self._lock:
+            if self._fd is None or self._path is None:
+                self.spool.dir.mkdir(parents=True, exist_ok=True)
+                self._path = self.spool.new_segment_path()
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+                self._fd = os.open(self._path, flags, 0o644)
+            path = self._path
+            try:
+                write_all(self._fd, data)
+            except OSError:
+                self._close_locked()  # the next append starts a new segment
+                raise
+            self._lines[path] = self._lines.get(path, 0) + 1
+            return path
+
+    def _close_locked(self) -> None:
+        fd, self._fd, self._path = self._fd, None, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def seal(self) -> None:
+        """Close the open segment with one fsync (OSError if the disk refuses)."""
+        with self._lock:
+            fd, self._fd, self._path = self._fd, None, None
+        if fd is None:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def complete(self, path: Path, seen: int) -> bool:
+        """Whether `path` is sealed and holds no line beyond the `seen` ones."""
+        with self._lock:
+            return path != self._path and self._lines.get(path, 0) <= seen
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._lines.pop(path, None)
 
 
 class LocalRunFile:

@@ -1,14 +1,19 @@
 """Background delivery that never blocks or breaks training.
 
 Modelled on sentry_sdk's ``worker.py`` and segment's ``consumer.py``: one named daemon thread,
-started lazily and again after a ``fork`` (the pid is checked on every submit); a bounded queue fed
-with ``put_nowait`` (when it is full the item is written to the disk spool on the caller's thread:
-never block, never lose); batches closed on size or time; capped exponential backoff that honours
-``Retry-After``; no retry on a 4xx other than 408/429. Every failure is warned once, never raised.
+started lazily and again after a ``fork`` (the pid is checked on every submit); a queue fed with
+``put_nowait`` that never blocks the caller; batches closed on size or time; capped exponential
+backoff that honours ``Retry-After``; no retry on a 4xx other than 408/429. Every failure is
+warned once, never raised.
 
-A *sink* does the actual work: `HttpSink` (spool, then send) or `FileSink` (local JSON-lines file).
-Items are objects with ``to_record() -> dict`` (an epoch; numbers are read off the device here, not
-on the training thread) or ``str`` (the run's final status).
+An epoch is written to disk on the training thread before it is queued (`DeliveryWorker.submit`
+calls the sink's ``write_ahead``: one plain write, no fsync), so a process kill loses no epoch
+whose ``end_epoch()`` returned. The queue is therefore unbounded: what it holds is on disk
+already, and every unacknowledged epoch is kept in memory for sending anyway, so a bound would
+bound nothing. A *sink* does the rest on the delivery thread: `HttpSink` (fsync, send, remove,
+heartbeat) or `FileSink` (fsync of the local JSON-lines file). Items are epoch records (dicts,
+or objects with ``to_record() -> dict``, converted on the submitting thread) or ``str`` (the
+run's final status).
 """
 
 from __future__ import annotations
@@ -19,13 +24,12 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from client_hook.api import MAX_BATCH, RefusedError, RetryableError, RunUploader, deliver_spool
-from client_hook.spool import LocalRunFile, RunSpool
+from client_hook.spool import EpochJournal, LocalRunFile, RunSpool, write_all
 
 logger = logging.getLogger("gradwatch")
 _CLOSE = object()
@@ -66,48 +70,60 @@ class DeliveryReport:
 
 
 class FileSink:
-    """No server: append the run header, epochs and status to a local JSON-lines file (kept
-    open; one write per batch of epochs, flushed at once)."""
+    """No server: the run header, epochs and status as lines of a local JSON-lines file, kept
+    open. Epochs are appended on the training thread (one write each); the delivery thread
+    fsyncs the file once per wake-up."""
 
     def __init__(self, path: Any, run: dict, warn: WarnOnce) -> None:
         self.file = LocalRunFile(path)
         self.run = run
         self.warn = warn
         self._header_written = False
-        self._handle: Any = None
+        self._fd: int | None = None
+        self._dirty = False
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def _append(self, lines: list[tuple[str, dict]]) -> None:
-        try:
-            if self._handle is None:
-                self.file.path.parent.mkdir(parents=True, exist_ok=True)
-                self._handle = open(self.file.path, "a", encoding="utf-8")  # noqa: SIM115
-            if not self._header_written:
-                lines = [("run", {"run": self.run}), *lines]
-            self._handle.write("".join(LocalRunFile.line(k, p) for k, p in lines))
-            self._handle.flush()
-            self._header_written = True
-        except OSError as exc:
-            self.warn("file", f"gradwatch: cannot write the run file {self.file.path}: {exc}")
-            self._close()  # reopened on the next write
-
-    def _close(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
+        if self._pid != os.getpid():  # a forked child: the lock may have been copied held
+            self._lock, self._pid = threading.Lock(), os.getpid()
+        with self._lock:
             try:
-                handle.close()
+                if self._fd is None:
+                    self.file.path.parent.mkdir(parents=True, exist_ok=True)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+                    self._fd = os.open(self.file.path, flags, 0o644)
+                if not self._header_written:
+                    lines = [("run", {"run": self.run}), *lines]
+                data = "".join(LocalRunFile.line(k, p) for k, p in lines).encode()
+                write_all(self._fd, data)
+                self._header_written = self._dirty = True
+            except OSError as exc:
+                self.warn("file", f"gradwatch: cannot write the run file {self.file.path}: {exc}")
+                self._close_locked()  # reopened on the next write
+
+    def _close_locked(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
             except OSError:
                 pass
 
-    def accept(self, record: dict) -> None:
+    def write_ahead(self, record: dict) -> None:
         self._append([("epoch", {"record": record})])
 
-    def accept_many(self, records: list[dict]) -> None:
-        self._append([("epoch", {"record": r}) for r in records])
+    def accept_written(self, items: list[tuple[dict, Any]]) -> None:
+        with self._lock:
+            fd, dirty, self._dirty = self._fd, self._dirty, False
+            if fd is not None and dirty:
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    self.warn("file", f"gradwatch: cannot sync {self.file.path}: {exc}")
 
     def accept_status(self, status: str) -> None:
         self._append([("status", {"status": status})])
-
-    spill = accept
 
     def next_attempt_in(self) -> float | None:
         return None
@@ -115,13 +131,19 @@ class FileSink:
     def attempt(self, timeout: float | None = None) -> None:
         return None
 
+    def heartbeat(self) -> None:
+        return None
+
     def report(self) -> DeliveryReport:
-        self._close()  # asked at close: nothing is written after it
+        self.accept_written([])
+        with self._lock:
+            self._close_locked()  # asked at close: nothing is written after it
         return DeliveryReport(0, False, str(self.file.path))
 
 
 class HttpSink:
-    """Write-ahead to the spool, then send in batches with backoff."""
+    """Write-ahead to the spool (training thread), then send in batches with backoff, and a
+    heartbeat every `heartbeat_interval` seconds without an acknowledged epoch (None: none)."""
 
     def __init__(
         self,
@@ -134,28 +156,34 @@ class HttpSink:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         retry_after_cap: float = 120.0,
+        heartbeat_interval: float | None = 30.0,
     ) -> None:
         self.uploader = uploader
         self.spool = spool
+        self.journal = EpochJournal(spool)
         self.warn = warn
         self.batch_wait = batch_wait
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.retry_after_cap = retry_after_cap
+        self.heartbeat_interval = heartbeat_interval
         self.pending: dict[int, dict] = {}
-        # the spool files that hold each pending epoch, and the epochs each file holds: a file
-        # is removed once the server acknowledged all of them
+        # the spool files that hold each pending epoch, the epochs each file holds, and how
+        # many of its lines were seen here: a file is removed once sealed, every line seen and
+        # every epoch acknowledged
         self._files_of: dict[int, set[Path]] = {}
         self._held: dict[Path, set[int]] = {}
+        self._seen: dict[Path, int] = {}
         self.status: str | None = None
         self.refused: str | None = None
-        self.spilled = False  # set by the training thread after writing to the spool itself
         self._lock = threading.Lock()
         self._first_pending_at: float | None = None
         self._next_try_at = 0.0
         self._backoff = backoff_base
         self._failing = False
         self._orphans_checked = False
+        self._next_beat_at = time.monotonic() + (heartbeat_interval or 0.0)
+        self._beats_stopped = heartbeat_interval is None
         spool.set_open(True)
         try:
             spool.write_meta(uploader.run, server_url)
@@ -169,34 +197,36 @@ class HttpSink:
             "undelivered epochs are kept in memory only",
         )
 
-    def accept(self, record: dict) -> None:
-        self.accept_many([record])
-
-    def accept_many(self, records: list[dict]) -> None:
-        """Spool the records (one file, one fsync), then queue them for sending."""
-        if not records:
-            return
-        path: Path | None = None
+    def write_ahead(self, record: dict) -> Path | None:
+        """On the training thread: append `record` to the spool (no fsync); the file, or None
+        if the disk refused (then the record lives in memory only)."""
         try:
-            if len(records) == 1:
-                path = self.spool.write_epoch(records[0])
-            else:
-                path = self.spool.write_epochs(records)
+            return self.journal.append(record)
         except OSError as exc:
             self._spool_failed(exc)
+            return None
+
+    def accept_written(self, items: list[tuple[dict, Path | None]]) -> None:
+        """On the delivery thread: queue the records written ahead for sending, then seal
+        their spool file (one fsync)."""
         with self._lock:
-            for record in records:
+            for record, path in items:
                 epoch = int(record["epoch"])
                 self.pending[epoch] = record
                 self._track(epoch, path)
-            if self._first_pending_at is None:
+            if items and self._first_pending_at is None:
                 self._first_pending_at = time.monotonic()
+        try:
+            self.journal.seal()
+        except OSError as exc:
+            self._spool_failed(exc)
 
     def _track(self, epoch: int, path: Path | None) -> None:
         """`path` (None: the spool could not be written) holds `epoch`; under the lock."""
         if path is not None:
             self._files_of.setdefault(epoch, set()).add(path)
             self._held.setdefault(path, set()).add(epoch)
+            self._seen[path] = self._seen.get(path, 0) + 1
 
     def _acknowledged(self, epoch: int) -> None:
         """The server has `epoch`: every file that held it keeps one epoch fewer, and goes
@@ -206,21 +236,20 @@ class HttpSink:
             if held is None:
                 continue
             held.discard(epoch)
-            if not held:
-                del self._held[path]
-                try:
-                    self.spool.remove_files([path])
-                except OSError as exc:  # left behind: a later resend is a duplicate
-                    self._spool_failed(exc)
+            self._remove_if_done(path)
 
-    def spill(self, record: dict) -> None:
-        """Called on the training thread when the queue is full: disk only, picked up later."""
+    def _remove_if_done(self, path: Path) -> None:
+        """Remove `path` once it holds nothing unacknowledged and nothing unseen (under the
+        lock): a line the training thread wrote but did not queue yet keeps it."""
+        if self._held.get(path) or not self.journal.complete(path, self._seen.get(path, 0)):
+            return
+        self._held.pop(path, None)
+        self._seen.pop(path, None)
+        self.journal.forget(path)
         try:
-            self.spool.write_epoch(record)
-            self.spilled = True
-        except OSError as exc:
+            self.spool.remove_files([path])
+        except OSError as exc:  # left behind: a later resend is a duplicate
             self._spool_failed(exc)
-            self.accept(record)
 
     def accept_status(self, status: str) -> None:
         try:
@@ -230,11 +259,11 @@ class HttpSink:
         self.status = status
 
     def next_attempt_in(self) -> float | None:
-        if self.refused or (not self.pending and not self.status and not self.spilled):
+        if self.refused or (not self.pending and not self.status):
             return None
         now = time.monotonic()
         batch_due = (self._first_pending_at or now) + self.batch_wait
-        if len(self.pending) >= MAX_BATCH or self.status or self.spilled:
+        if len(self.pending) >= MAX_BATCH or self.status:
             batch_due = now
         return max(batch_due, self._next_try_at) - now
 
@@ -242,9 +271,6 @@ class HttpSink:
         """One delivery attempt of everything pending; never raises."""
         if timeout is not None:
             timeout = max(0.05, min(timeout, self.uploader.client.timeout))
-        if self.spilled:
-            self.spilled = False
-            self._load_spilled()
         try:
             while self.pending:
                 with self._lock:
@@ -252,6 +278,7 @@ class HttpSink:
                         self.pending[k] for k in sorted(self.pending)[: self.uploader.batch_size]
                     ]
                 self.uploader.send_epochs(batch, timeout=timeout)
+                self._beat_done()  # acknowledged epochs count as a heartbeat
                 with self._lock:
                     for record in batch:
                         epoch = int(record["epoch"])
@@ -287,17 +314,30 @@ class HttpSink:
             self._orphans_checked = True
             self._deliver_orphans()
 
-    def _load_spilled(self) -> None:
-        """Take what the training thread spooled itself (the queue was full) into `pending`:
-        every file not yet known, each epoch not already pending."""
-        for path, records in self.spool.spooled():
-            with self._lock:
-                if path in self._held:
-                    continue
-                for record in records:
-                    epoch = int(record["epoch"])
-                    self.pending.setdefault(epoch, record)
-                    self._track(epoch, path)  # removed when that epoch is acknowledged
+    def _beat_done(self) -> None:
+        if self.heartbeat_interval is not None:
+            self._next_beat_at = time.monotonic() + self.heartbeat_interval
+
+    def heartbeat(self) -> None:
+        """Tell the server the process is alive, if `heartbeat_interval` passed without an
+        acknowledged epoch. A failure is warned once; an older server without the endpoint
+        (404/405) ends heartbeats without a word. Never raises."""
+        if self._beats_stopped or self.refused or time.monotonic() < self._next_beat_at:
+            return
+        self._beat_done()
+        try:
+            self.uploader.send_heartbeat()
+        except RefusedError as exc:
+            if exc.status in (404, 405):
+                self._beats_stopped = True
+                return
+            self.warn("heartbeat", f"gradwatch: heartbeat refused ({exc}); training continues")
+        except Exception as exc:  # noqa: BLE001 - a background failure must never escape
+            self.warn(
+                "heartbeat",
+                f"gradwatch: cannot send a heartbeat to {self.uploader.client.base_url} "
+                f"({exc}); training continues",
+            )
 
     def _deliver_orphans(self) -> None:
         """Send what earlier, dead runs left in the same spool for the same server."""
@@ -341,11 +381,8 @@ class HttpSink:
 
     def report(self) -> DeliveryReport:
         self.spool.set_open(False)  # asked at close: from now on `gradwatch sync` may take over
-        pending = (
-            len(self.pending)
-            if not self.spilled
-            else max(len(self.pending), self.spool.pending_epochs())
-        )
+        with self._lock:
+            pending = len(self.pending)
         return DeliveryReport(pending, self.status is not None, str(self.spool.dir))
 
 
@@ -359,25 +396,24 @@ class DeliveryWorker:
     itself (measured: ~0.5 ms per epoch woken one by one, for ~0.07 ms of work; bench/
     hook_overhead.py). Waking once a second bounds that cost by time, not by epochs (on
     DualTaskMLP with default sampling, in one paired run: 1.054x a plain step, against 1.061x
-    polling every 0.25 s). The records reach the sink within about `poll_interval` seconds.
+    polling every 0.25 s). The records reach the server within about `poll_interval` seconds;
+    they are on disk before `submit` returns.
     """
 
     def __init__(
         self,
         sink: FileSink | HttpSink,
         warn: WarnOnce,
-        queue_size: int = 256,
         name: str = "gradwatch-delivery",
         poll_interval: float = 1.0,
     ) -> None:
         self.sink = sink
         self.warn = warn
-        self.queue_size = queue_size
         self.name = name
         self.poll_interval = poll_interval
         self._wake = threading.Event()
         self._pid: int | None = None
-        self._queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._deadline = float("inf")
         # items submitted / handed to the sink, for `wait_idle`
@@ -387,7 +423,7 @@ class DeliveryWorker:
     def _ensure_thread(self) -> None:
         if self._pid != os.getpid():  # first use, or we are a forked child: the thread is gone
             self._pid = os.getpid()
-            self._queue = queue.Queue(self.queue_size)
+            self._queue = queue.SimpleQueue()
             self._thread = None
             self._idle = threading.Condition()  # the parent's items are not ours to wait for
             self._submitted = self._handled = 0
@@ -397,18 +433,22 @@ class DeliveryWorker:
             thread.start()
             self._thread = thread
 
-    def submit(self, item: Any) -> None:
+    def submit(self, item: EpochItem | dict | str) -> None:
+        """Queue an epoch (written to disk here first) or the final status; never raises."""
+        if not isinstance(item, str):
+            try:
+                record = item if isinstance(item, dict) else item.to_record()
+                item = (record, self.sink.write_ahead(record))  # type: ignore[assignment]
+            except Exception as exc:  # noqa: BLE001 - never raise into the training loop
+                self.warn("convert", f"gradwatch: could not record an epoch ({exc!r}); skipped")
+                return
         try:
             self._ensure_thread()
-            with self._idle:
-                self._submitted += 1
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._handle(item, self.sink.spill)
-            self._done()
-        except RuntimeError:  # no new threads at interpreter shutdown: do it here
-            self._handle(item, self.sink.accept)
-            self._done()
+        except RuntimeError:  # no new threads at interpreter shutdown: the caller delivers
+            pass
+        with self._idle:
+            self._submitted += 1
+        self._queue.put_nowait(item)
 
     def _done(self, count: int = 1) -> None:
         with self._idle:
@@ -422,15 +462,6 @@ class DeliveryWorker:
         with self._idle:
             return self._idle.wait_for(lambda: self._handled >= self._submitted, timeout)
 
-    def _handle(self, item: Any, accept: Callable[[dict], None]) -> None:
-        try:
-            if isinstance(item, str):
-                self.sink.accept_status(item)
-            else:
-                accept(item.to_record())
-        except Exception as exc:  # noqa: BLE001 - never raise into the training loop
-            self.warn("convert", f"gradwatch: could not record an epoch ({exc!r}); it is skipped")
-
     def _run(self) -> None:
         while True:
             wait = self.sink.next_attempt_in()
@@ -442,11 +473,12 @@ class DeliveryWorker:
             if self._handle_queued():
                 self._final_flush()
                 return
+            self.sink.heartbeat()
 
     def _handle_queued(self) -> bool:
-        """Hand everything queued to the sink, consecutive epochs converted and accepted
-        together; True if the queue held the close request."""
-        epochs: list[Any] = []
+        """Hand everything queued to the sink (the epochs together); True if the queue held
+        the close request."""
+        epochs: list[tuple[dict, Any]] = []
         count, closing = 0, False
         while True:
             try:
@@ -458,44 +490,29 @@ class DeliveryWorker:
                 break
             count += 1
             if isinstance(item, str):  # the final status, after the epochs before it
-                self._accept_epochs(epochs)
+                self._accept(epochs)
                 epochs = []
-                self._handle(item, self.sink.accept)
+                self._accept_status(item)
             else:
                 epochs.append(item)
-        self._accept_epochs(epochs)
+        self._accept(epochs)
         self._done(count)
         return closing
 
-    def _accept_epochs(self, items: list[Any]) -> None:
-        """Convert together (where the items know how: ``to_records``) and accept in one
-        batch; if that fails, item by item (`_handle`: each failure warned, never raised)."""
-        if not items:
-            return
-        together = getattr(type(items[0]), "to_records", None)
-        if together is not None and all(type(i) is type(items[0]) for i in items):
-            try:
-                records = together(items)
-            except Exception:  # noqa: BLE001 - one by one below, each failure warned
-                records = None
-            if records is not None:
-                try:
-                    self.sink.accept_many(records)
-                except Exception as exc:  # noqa: BLE001 - never raise into the training loop
-                    self.warn("accept", f"gradwatch: could not record epochs ({exc!r})")
-                return
-        for item in items:
-            self._handle(item, self.sink.accept)
+    def _accept(self, epochs: list[tuple[dict, Any]]) -> None:
+        try:
+            self.sink.accept_written(epochs)
+        except Exception as exc:  # noqa: BLE001 - never raise into the training loop
+            self.warn("accept", f"gradwatch: could not queue epochs for sending ({exc!r})")
+
+    def _accept_status(self, status: str) -> None:
+        try:
+            self.sink.accept_status(status)
+        except Exception as exc:  # noqa: BLE001 - never raise into the training loop
+            self.warn("status", f"gradwatch: could not record the final status ({exc!r})")
 
     def _final_flush(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _CLOSE:
-                self._handle(item, self.sink.accept)
-                self._done()
+        self._handle_queued()  # anything queued after the close request
         while (wait := self.sink.next_attempt_in()) is not None:
             remaining = self._deadline - time.monotonic()
             if remaining <= 0.05:
@@ -510,24 +527,13 @@ class DeliveryWorker:
         self._deadline = time.monotonic() + timeout
         try:
             self._ensure_thread()
-            self._wake.set()
-            self._queue.put(_CLOSE, timeout=max(0.0, timeout))
-            self._wake.set()
-        except (queue.Full, RuntimeError):
-            self._final_flush_here()
+        except RuntimeError:  # interpreter shutdown: no thread to wait for
+            self._handle_queued()
+            return self.sink.report()
+        self._queue.put_nowait(_CLOSE)
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(max(0.0, self._deadline - time.monotonic()) + 0.2)
-            if self._thread.is_alive():
-                self._final_flush_here()
+            if self._thread.is_alive():  # stuck in a request: seal and record from here
+                self._handle_queued()
         return self.sink.report()
-
-    def _final_flush_here(self) -> None:
-        """The worker is stuck (or cannot run): spool what is still queued, from this thread."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _CLOSE:
-                self._handle(item, self.sink.spill)
-                self._done()

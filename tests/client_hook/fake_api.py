@@ -26,6 +26,9 @@ class FakeApi:
         self.fault_paths = re.compile(".*")
         self.hang_seconds = 0.0
         self.upstream: str | None = None  # when set, a faulty proxy in front of a real server
+        self.heartbeats: list[tuple[float, str]] = []  # (time, run id)
+        self.heartbeat_status = 204  # 404: a server from before heartbeats
+        self.statuses_known = {"finished", "failed", "crashed", "interrupted"}
         self.lock = threading.Lock()
         fake = self
 
@@ -78,11 +81,17 @@ class FakeApi:
                 self.runs.setdefault(body["id"], body)
                 self.epochs.setdefault(body["id"], {})
                 return (201 if new else 200), {"id": body["id"]}
-            match = re.fullmatch(r"/api/runs/([^/]+)(/epochs)?", path)
+            match = re.fullmatch(r"/api/runs/([^/]+)(/epochs|/heartbeat)?", path)
             if not match or match.group(1) not in self.runs:
                 return 404, {"error": "run not found"}
             run_id = match.group(1)
+            if match.group(2) == "/heartbeat":
+                if self.heartbeat_status == 204:
+                    self.heartbeats.append((time.monotonic(), run_id))
+                return self.heartbeat_status, {}
             if method == "PATCH":
+                if body["status"] not in self.statuses_known:
+                    return 422, {"error": "validation", "detail": "status"}
                 self.statuses[run_id] = body["status"]
                 return 200, {"id": run_id}
             accepted = duplicates = 0

@@ -15,7 +15,7 @@ import pytest
 
 from client_hook import GradMonitor, GradwatchWarning
 from client_hook.api import ApiClient, RunUploader, parse_retry_after
-from client_hook.spool import RunSpool, dumps
+from client_hook.spool import EpochJournal, RunSpool, dumps
 from client_hook.sync_cli import add_arguments
 from client_hook.sync_cli import run as sync_run
 from client_hook.transport import DeliveryWorker, FileSink, HttpSink, WarnOnce
@@ -130,19 +130,22 @@ def _sync_args(argv: list[str]):
     return parser.parse_args(argv)
 
 
-def test_full_queue_spills_to_disk_without_blocking_and_loses_nothing(fake, tmp_path):
+def test_stuck_worker_never_blocks_submit_and_every_epoch_is_on_disk_at_once(fake, tmp_path):
+    """While the delivery thread hangs in a request, `submit` returns at once, each epoch
+    already in the spool (written on the submitting thread); nothing is lost or doubled."""
     fake.hang_seconds = 1.5
     sink = _sink(fake, tmp_path, timeout=3.0, batch_wait=0.0)
-    worker = DeliveryWorker(sink, WarnOnce(), queue_size=2)
+    worker = DeliveryWorker(sink, WarnOnce())
     worker.submit(_Record(0))
-    time.sleep(0.5)  # the worker is now inside a request that hangs
+    worker.wait_idle(5)
+    time.sleep(0.3)  # the worker is now inside a request that hangs
     slowest = 0.0
     for epoch in range(1, 21):
         started = time.monotonic()
         worker.submit(_Record(epoch))
         slowest = max(slowest, time.monotonic() - started)
+        assert sink.spool.pending_epochs() == epoch + 1  # on disk when submit returned
     assert slowest < 0.1
-    assert sink.spool.pending_epochs() >= 18  # written by this thread: the queue was full
     fake.hang_seconds = 0.0
     worker.submit("finished")
     assert worker.close(timeout=20).complete
@@ -211,8 +214,8 @@ def test_next_run_delivers_what_a_dead_run_left_in_the_spool(fake, tmp_path):
     old.write_meta({"id": old.run_id, "name": "old", "tasks": TASKS}, fake.url)
     meta = old.read_meta() | {"pid": _dead_pid()}
     (old.dir / "run.json").write_text(dumps(meta))
-    for epoch in (0, 1):
-        old.write_epoch({"epoch": epoch})
+    for epoch in (0, 1):  # the file names of an earlier version
+        (old.dir / f"epoch-{epoch:09d}.json").write_text(dumps({"epoch": epoch}))
     assert _run(fake, tmp_path, epochs=1).close(timeout=15).complete
     assert sorted(fake.epochs[old.run_id]) == [0, 1]
     assert fake.statuses[old.run_id] == "crashed"
@@ -220,19 +223,25 @@ def test_next_run_delivers_what_a_dead_run_left_in_the_spool(fake, tmp_path):
 
 
 def test_worker_is_not_woken_per_epoch_and_flush_hands_everything_on(tmp_path):
-    """Epochs wait for the worker's next poll (each wake-up costs the training thread GIL
+    """Epochs are written by the submitting thread at once, but handed to the sink (fsync,
+    sending) only at the worker's next poll (each wake-up costs the training thread GIL
     hand-offs); `wait_idle` (GradMonitor.flush) and `close` wake it at once."""
     path = tmp_path / "run.jsonl"
-    worker = DeliveryWorker(FileSink(path, {"id": "x"}, WarnOnce()), WarnOnce(), poll_interval=60)
+    sink = FileSink(path, {"id": "x"}, WarnOnce())
+    handed: list[int] = []
+    accept_written = sink.accept_written
+    sink.accept_written = lambda items: (handed.append(len(items)), accept_written(items))
+    worker = DeliveryWorker(sink, WarnOnce(), poll_interval=60)
     worker.submit(_Record(0))
     worker.submit(_Record(1))
+    assert sum('"epoch"' in line for line in path.read_text().splitlines()) == 2
     time.sleep(0.3)
-    assert not path.exists()  # queued, not yet handled: nobody woke the worker
+    assert sum(handed) == 0  # queued, not yet handed over: nobody woke the worker
     started = time.monotonic()
-    assert worker.wait_idle(timeout=5)
+    assert worker.wait_idle(timeout=5) and sum(handed) == 2
     worker.submit(_Record(2))
     assert worker.close(timeout=5).complete
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 2 and sum(handed) == 3
     epochs = [line for line in path.read_text().splitlines() if '"epoch"' in line]
     assert epochs == [dumps({"kind": "epoch", "record": _Record(e).to_record()}) for e in range(3)]
 
@@ -247,19 +256,25 @@ def test_monitor_flush_writes_the_ended_epochs(tmp_path):
 
 
 def _spool_files(sink: HttpSink) -> list[str]:
-    return sorted(p.name for p in sink.spool.dir.glob("epoch*.json"))
+    return sorted(p.name for p in sink.spool.dir.glob("epoch*"))
 
 
-def test_epochs_taken_together_are_spooled_in_one_file_removed_once_all_are_acknowledged(
+def _write(sink: HttpSink, epochs) -> None:
+    """What the worker does: write ahead on this thread, then hand over (which seals)."""
+    records = [_Record(e).to_record() for e in epochs]
+    sink.accept_written([(r, sink.write_ahead(r)) for r in records])
+
+
+def test_epochs_written_between_two_wakeups_share_one_file_removed_once_all_are_acknowledged(
     fake, tmp_path
 ):
-    """One file (one fsync) per batch the delivery thread takes; a file whose epochs were only
+    """One file (one fsync) per wake-up of the delivery thread; a file whose epochs were only
     partly acknowledged stays, and what it holds is delivered later, each epoch once."""
     fake.fault_paths = __import__("re").compile(".*/epochs")
     sink = _sink(fake, tmp_path, batch_wait=0.0)
     sink.uploader.batch_size = 2  # three requests for five epochs
     fake.faults = [None, (503, {})]  # the first request goes through, the second fails
-    sink.accept_many([_Record(e).to_record() for e in range(5)])
+    _write(sink, range(5))
     (name,) = _spool_files(sink)
     assert name.startswith("epochs-") and sink.spool.pending_epochs() == 5
     with pytest.warns(GradwatchWarning, match="cannot deliver"):
@@ -267,13 +282,29 @@ def test_epochs_taken_together_are_spooled_in_one_file_removed_once_all_are_ackn
     assert sorted(fake.epochs[sink.uploader.run_id]) == [0, 1]
     assert _spool_files(sink) == [name]  # 2, 3, 4 are still in it
     assert sorted(sink.pending) == [2, 3, 4]
-    sink.accept(_Record(5).to_record())  # one epoch: its own file
+    _write(sink, [5])  # the next wake-up: its own file
     assert len(_spool_files(sink)) == 2
     sink._next_try_at = 0.0
     sink.attempt()
     assert not sink.pending and _spool_files(sink) == []
     assert sorted(fake.epochs[sink.uploader.run_id]) == list(range(6))
     assert len(fake.stored) == 6
+
+
+def test_a_file_is_kept_while_it_holds_a_line_not_yet_handed_over(fake, tmp_path):
+    """The training thread wrote epoch 1 into the file, the delivery thread sealed it before
+    epoch 1 reached the queue: acknowledging epoch 0 must not remove the file."""
+    sink = _sink(fake, tmp_path, batch_wait=0.0)
+    first, late = _Record(0).to_record(), _Record(1).to_record()
+    items = [(first, sink.write_ahead(first))]
+    late_path = sink.write_ahead(late)
+    sink.accept_written(items)  # seals the file holding 0 and 1; only 0 handed over
+    sink.attempt()
+    assert sorted(fake.epochs[sink.uploader.run_id]) == [0]
+    assert _spool_files(sink) == [late_path.name]
+    sink.accept_written([(late, late_path)])
+    sink.attempt()
+    assert _spool_files(sink) == [] and len(fake.stored) == 2
 
 
 def test_a_spool_left_half_acknowledged_is_delivered_by_sync_without_duplicates(fake, tmp_path):
@@ -283,7 +314,7 @@ def test_a_spool_left_half_acknowledged_is_delivered_by_sync_without_duplicates(
     sink = _sink(fake, tmp_path, batch_wait=0.0)
     sink.uploader.batch_size = 2
     fake.faults = [None, (503, {})]
-    sink.accept_many([_Record(e).to_record() for e in range(4)])
+    _write(sink, range(4))
     with pytest.warns(GradwatchWarning):
         sink.attempt()
     assert sorted(fake.epochs[sink.uploader.run_id]) == [0, 1]
@@ -295,20 +326,36 @@ def test_a_spool_left_half_acknowledged_is_delivered_by_sync_without_duplicates(
     assert not sink.spool.dir.exists()
 
 
-def test_spool_reads_single_and_batch_files_and_the_later_one_wins(tmp_path):
+def test_spool_reads_every_file_kind_and_the_later_one_wins(tmp_path):
+    """This version's segments (a last line cut short by a kill is skipped), an earlier
+    version's single and batch files, and a complete temporary file an earlier version's
+    killed process left (an incomplete one is skipped)."""
     spool = RunSpool(tmp_path, "6a1c8d1e-36a4-4a38-9d59-1c2a2b43e0aa")
-    spool.write_epoch({"epoch": 1, "v": "single"})
-    spool.write_epochs([{"epoch": 0, "v": "a"}, {"epoch": 1, "v": "a"}])
-    spool.write_epochs([{"epoch": 1, "v": "b"}, {"epoch": 2, "v": "b"}])
+    spool.dir.mkdir()
+    (spool.dir / "epoch-000000001.json").write_text(dumps({"epoch": 1, "v": "single"}))
+    (spool.dir / "epochs-00000000000000000001-7-000000.json").write_text(
+        dumps([{"epoch": 0, "v": "a"}, {"epoch": 1, "v": "a"}])
+    )
+    (spool.dir / ".epochs-00000000000000000002-7-000001.json.7.tmp").write_text(
+        dumps([{"epoch": 3, "v": "tmp"}])
+    )
+    (spool.dir / ".epochs-00000000000000000002-7-000002.json.7.tmp").write_text('[{"epoch": 9')
+    journal = EpochJournal(spool)
+    journal.append({"epoch": 1, "v": "b"})
+    path = journal.append({"epoch": 2, "v": "b"})
+    journal.seal()
+    with open(path, "a") as f:
+        f.write('{"epoch": 4, "v": "cut')
     assert spool.load_epochs() == [
         {"epoch": 0, "v": "a"},
         {"epoch": 1, "v": "b"},
         {"epoch": 2, "v": "b"},
+        {"epoch": 3, "v": "tmp"},
     ]
-    assert spool.pending_epochs() == 3
+    assert spool.pending_epochs() == 4
     files = spool.spooled()
-    assert [len(records) for _, records in files] == [1, 2, 2]
-    spool.remove_files([files[-1][0]])  # the later batch gone: the earlier one is read again
-    assert spool.load_epochs() == [{"epoch": 0, "v": "a"}, {"epoch": 1, "v": "a"}]
-    spool.remove_files(path for path, _ in files)
+    assert [len(records) for _, records in files] == [1, 2, 1, 2]
+    spool.remove_files([path])  # the later segment gone: the earlier files are read again
+    assert spool.load_epochs()[1] == {"epoch": 1, "v": "a"}
+    spool.remove_files(p for p, _ in files)
     assert spool.load_epochs() == [] and spool.pending_epochs() == 0
