@@ -78,20 +78,6 @@ def _run_header(
     }
 
 
-class _Epoch:
-    """A finished epoch record on its way to the delivery thread."""
-
-    def __init__(self, record: dict) -> None:
-        self.record = record
-
-    def to_record(self) -> dict:
-        return self.record
-
-    @staticmethod
-    def to_records(items: list[_Epoch]) -> list[dict]:
-        return [item.record for item in items]
-
-
 class GradMonitor:
     """Measure per-task gradients on the shared parameters and stream one record per epoch.
 
@@ -344,7 +330,7 @@ class GradMonitor:
         self._step_in_epoch, self._epoch_started_at = 0, None
         self.epoch = index + 1
         if self._worker is not None and not self._closed:
-            self._worker.submit(_Epoch(record))
+            self._worker.submit(record)
         return index
 
     def _record(self, index: int) -> dict:
