@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from server import alerts, epoch_blocks, models, schemas
+from server import alerts, epoch_blocks, models, notify, schemas
 from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
 from server.models import utcnow
@@ -80,6 +80,7 @@ def _resume(session: Session, run: models.Run, tasks: list[str]) -> models.Run:
     if existing != tasks:
         raise TasksConflict({"existing": existing, "requested": tasks})
     run.status, run.finished_at, run.updated_at = "running", None, utcnow()
+    notify.run_changed(session, run.id)
     return run
 
 
@@ -113,6 +114,7 @@ def create_or_resume_run(
     session.add_all(
         models.RunTask(run_id=run_id, position=i, name=name) for i, name in enumerate(body.tasks)
     )
+    notify.run_changed(session, run_id)
     try:
         session.commit()
     except IntegrityError:  # the same id created concurrently (PostgreSQL): resume it
@@ -137,11 +139,13 @@ def update_run(session: Session, run: models.Run, body: schemas.RunUpdate) -> mo
         alerts.recompute(session, run)
         alerts.refresh_run_flags(session, run)
     run.updated_at = now
+    notify.run_changed(session, run.id)
     session.commit()
     return run
 
 
 def delete_run(session: Session, run: models.Run) -> None:
+    notify.run_changed(session, run.id)
     session.delete(run)
     session.commit()
 
@@ -328,6 +332,7 @@ def ingest_batch(
             run.last_epoch = new[-1].epoch
             run.last_grad_norm_ratio = new[-1].view.grad_norm_ratio
         run.updated_at = utcnow()
+        notify.run_changed(session, run.id)
     cursor = session.scalar(sa.select(sa.func.max(e.id)).where(e.run_id == run.id)) or 0
     session.commit()
     return schemas.IngestResult(
