@@ -176,8 +176,16 @@ def _sqlite_nan(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 
 
 def _insert(conn: sa.Connection, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
-    """executemany straight on the driver: no per-value type processing (this is the hot path;
-    values are already in the database's form, see `_prepare`)."""
+    """Straight on the driver, no per-value type processing (this is the hot path; values are
+    already in the database's form, see `_prepare`): COPY on PostgreSQL (one stream of rows,
+    not a statement per row: https://www.postgresql.org/docs/current/populate.html),
+    executemany on SQLite."""
+    if conn.dialect.name == "postgresql":
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
     conn.exec_driver_sql(sql, rows)
