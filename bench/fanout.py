@@ -8,8 +8,8 @@ Per case (PostgreSQL by default; `--database sqlite` for the one-machine set-up)
 `--interval` seconds through the API while `--viewers` SSE connections (spread evenly over
 the runs) follow them. Printed: GET /health p50/p99 (a new connection each probe, so both
 workers are sampled) idle and under load, delivery lag p50/p99 (POST sent -> event read by
-the viewer), epochs missed or duplicated, server RSS (all processes) idle / peak / after the
-viewers left, database transactions per second (pg_stat_database) idle and under load.
+the viewer), epochs missed or duplicated, server RSS (all processes) fresh, idle (after a
+first crowd of 20 viewers came and went), peak, and after the viewers left, database transactions per second (pg_stat_database) idle and under load.
 Targets (issue): /health p99 under 1,000 viewers <= 5x idle, lag p99 < 1.5 s, RSS back within
 20% of idle. Bounded: every phase has a fixed length; loopback only; stops by itself.
 The viewers run in this process: on a small machine they compete with the server for CPU.
@@ -21,9 +21,11 @@ import argparse
 import asyncio
 import http.client
 import json
+import multiprocessing
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -101,17 +103,18 @@ def record(e: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- load
 
 
-async def probe_health(port: int, seconds: float, gap: float = 0.05) -> list[float]:
-    """ms of GET /health on a new connection each time, for `seconds`."""
+def probe_health(port: int, seconds: float, gap: float = 0.05) -> list[float]:
+    """ms of GET /health on a new connection each time, for `seconds` (blocking: run in a
+    thread, so that no event loop of ours adds its own delays)."""
     out, end = [], time.monotonic() + seconds
     while time.monotonic() < end:
         t0 = time.perf_counter()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        await reader.read()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            while sock.recv(65536):
+                pass
         out.append((time.perf_counter() - t0) * 1000)
-        writer.close()
-        await asyncio.sleep(gap)
+        time.sleep(gap)
     return out
 
 
@@ -149,6 +152,42 @@ class Viewer:
             writer.close()
 
 
+def warm_up(port: int, runs: list[str], viewers: int) -> None:
+    """A first small crowd (`viewers` streams for ~2 s, then gone), so that "idle" is a
+    server that has served pages before, as a real one has (threads, lazily built state)."""
+    socks = []
+    for i in range(viewers):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(f"GET /api/runs/{runs[i % len(runs)]}/stream HTTP/1.1\r\n"
+                     "Host: 127.0.0.1\r\n\r\n".encode())  # fmt: skip
+        socks.append(sock)
+    time.sleep(2.0)
+    for sock in socks:
+        sock.close()
+
+
+def crowd_process(port: int, run_ids: list[str], conn: Any) -> None:
+    """A share of the viewers, in their own process (the viewers must not slow down the
+    probes or each other's event loop more than a browser would); reports over `conn`."""
+
+    async def main() -> None:
+        crowd = [Viewer(port, r) for r in run_ids]
+        for i, v in enumerate(crowd):
+            v.task = asyncio.create_task(v.follow())
+            if i % 50 == 49:
+                await asyncio.sleep(0.05)  # a crowd arriving, not one burst
+        await asyncio.wait_for(asyncio.gather(*(v.ready.wait() for v in crowd)), 120)
+        conn.send("ready")
+        await asyncio.to_thread(conn.recv)  # "stop"
+        conn.send([(v.run_id, v.arrivals, v.duplicates) for v in crowd])
+        for v in crowd:
+            v.task.cancel()  # type: ignore[union-attr]
+        await asyncio.gather(*(v.task for v in crowd), return_exceptions=True)  # type: ignore[misc]
+
+    asyncio.run(main())
+    conn.send("closed")
+
+
 async def ingest_loop(port: int, run_id: str, start: int, interval: float, until: float,
                       sent: dict[tuple[str, int], float]) -> None:  # fmt: skip
     """One epoch every `interval` seconds into `run_id` (a blocking POST in a thread)."""
@@ -167,18 +206,26 @@ async def case(url: str, port: int, pid: int, viewers: int, args: argparse.Names
     for run_id in runs:
         post(port, "POST", f"/api/runs/{run_id}/epochs", {"epochs": [record(0)]})
     await asyncio.sleep(1.0)
-    out: dict[str, Any] = {"rss_idle": rss_mib(pid)}
+    out: dict[str, Any] = {"rss_cold": rss_mib(pid)}
+    await asyncio.to_thread(warm_up, port, runs, 20)
+    await asyncio.sleep(args.settle_seconds)
+    out["rss_idle"] = rss_mib(pid)
     tx0, t0 = transactions(url), time.monotonic()
-    out["health_idle"] = await probe_health(port, args.idle_seconds)
+    out["health_idle"] = await asyncio.to_thread(probe_health, port, args.idle_seconds)
     tx1 = transactions(url)
     out["tps_idle"] = None if tx0 is None else (tx1 - tx0) / (time.monotonic() - t0)
 
-    crowd = [Viewer(port, runs[i % len(runs)]) for i in range(viewers)]
-    for i, v in enumerate(crowd):
-        v.task = asyncio.create_task(v.follow())
-        if i % 50 == 49:
-            await asyncio.sleep(0.05)  # a crowd arriving, not one burst
-    await asyncio.wait_for(asyncio.gather(*(v.ready.wait() for v in crowd)), 60)
+    pipes, procs = [], []
+    share = [runs[i % len(runs)] for i in range(viewers)]
+    for k in range(args.viewer_processes):
+        mine, theirs = multiprocessing.Pipe()
+        mine_share = share[k :: args.viewer_processes]
+        proc = multiprocessing.Process(target=crowd_process, args=(port, mine_share, theirs))
+        proc.start()
+        pipes.append(mine)
+        procs.append(proc)
+    for pipe in pipes:
+        assert pipe.poll(150) and pipe.recv() == "ready"
     sent: dict[tuple[str, int], float] = {}
     until = time.monotonic() + args.seconds
     tx0, t0, cpu0 = transactions(url), time.monotonic(), cpu_seconds(pid)
@@ -190,26 +237,30 @@ async def case(url: str, port: int, pid: int, viewers: int, args: argparse.Names
             peak[0] = max(peak[0], rss_mib(pid))
             await asyncio.sleep(0.5)
 
-    results = await asyncio.gather(probe_health(port, args.seconds), sample_rss(), *loops)
+    results = await asyncio.gather(asyncio.to_thread(probe_health, port, args.seconds),
+                                   sample_rss(), *loops)  # fmt: skip
     out["health_load"] = results[0]
     out["cpu_load"] = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
     await asyncio.sleep(2.0)  # the last epochs reach the viewers
     tx1 = transactions(url)
     out["tps_load"] = None if tx0 is None else (tx1 - tx0) / (time.monotonic() - t0)
+    for pipe in pipes:
+        pipe.send("stop")
+    seen = [row for pipe in pipes for row in pipe.recv()]
     lags, missed = [], 0
-    for v in crowd:
-        for (run_id, e), at in sent.items():
-            if run_id != v.run_id:
+    for run_id, arrivals, _ in seen:
+        for (sent_run, e), at in sent.items():
+            if sent_run != run_id:
                 continue
-            if e in v.arrivals:
-                lags.append(v.arrivals[e] - at)
+            if e in arrivals:
+                lags.append(arrivals[e] - at)
             else:
                 missed += 1
-    out.update(lags=lags, missed=missed, duplicates=sum(v.duplicates for v in crowd))
+    out.update(lags=lags, missed=missed, duplicates=sum(d for _, _, d in seen))
     out["rss_peak"] = max(peak[0], rss_mib(pid))
-    for v in crowd:
-        v.task.cancel()  # type: ignore[union-attr]
-    await asyncio.gather(*(v.task for v in crowd), return_exceptions=True)  # type: ignore[misc]
+    for pipe, proc in zip(pipes, procs, strict=True):
+        assert pipe.poll(60) and pipe.recv() == "closed"
+        proc.join(10)
     await asyncio.sleep(args.settle_seconds)
     out["rss_after"] = rss_mib(pid)
     out["epochs_sent"] = len(sent)
@@ -265,6 +316,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="load phase length (15)")
     parser.add_argument("--idle-seconds", type=float, default=4.0)
     parser.add_argument("--settle-seconds", type=float, default=3.0)
+    parser.add_argument("--viewer-processes", type=int, default=2, help="client processes (2)")
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

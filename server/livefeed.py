@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import uuid
 from collections import deque
@@ -42,8 +45,20 @@ from server.notify import CHANNEL
 POLL_SECONDS = 1.0
 SAFETY_POLL_SECONDS = 10.0
 LOG_LENGTH = 64
+TRIM_DELAY_SECONDS = 1.0
 log = logging.getLogger("gradwatch.livefeed")
 T = TypeVar("T")
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 @dataclass
@@ -157,6 +172,17 @@ class Hub:
         feed.viewers -= 1
         if feed.viewers <= 0 and self.feeds.get(feed.run_id) is feed:
             del self.feeds[feed.run_id]
+            if not self.feeds:  # the last viewer left
+                asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._trim)
+
+    def _trim(self) -> None:
+        """Give the memory a crowd of viewers used back to the system once they are all gone:
+        glibc keeps freed heap memory (per-connection buffers) unless asked to return it
+        (malloc_trim(3)); a no-op elsewhere."""
+        if not self.feeds:
+            gc.collect()
+            if _LIBC is not None:
+                _LIBC.malloc_trim(0)
 
     def mark_dirty(self, run_id: uuid.UUID) -> None:
         feed = self.feeds.get(run_id)
