@@ -9,7 +9,8 @@ Per case (PostgreSQL by default; `--database sqlite` for the one-machine set-up)
 the runs) follow them. Printed: GET /health p50/p99 (a new connection each probe, so both
 workers are sampled) idle and under load, delivery lag p50/p99 (POST sent -> event read by
 the viewer), epochs missed or duplicated, server RSS (all processes) fresh, idle (after a
-first crowd of 20 viewers came and went), peak, and after the viewers left, database transactions per second (pg_stat_database) idle and under load.
+first crowd of 20 viewers came and went), peak, and after the viewers left, database
+transactions per second (pg_stat_database) idle and under load.
 Targets (issue): /health p99 under 1,000 viewers <= 5x idle, lag p99 < 1.5 s, RSS back within
 20% of idle. Bounded: every phase has a fixed length; loopback only; stops by itself.
 The viewers run in this process: on a small machine they compete with the server for CPU.
@@ -297,7 +298,8 @@ def report(processes: int, viewers: int, r: dict[str, Any]) -> None:
         f" missed {r['missed']}, duplicated {r['duplicates']}"
     )
     print(
-        f"  server RSS MiB  idle {r['rss_idle']:.0f}, peak {r['rss_peak']:.0f}, after"
+        f"  server RSS MiB  fresh {r['rss_cold']:.0f}, idle (warm) {r['rss_idle']:.0f},"
+        f" peak {r['rss_peak']:.0f}, after"
         f" {r['rss_after']:.0f} ({100 * (r['rss_after'] / r['rss_idle'] - 1):+.0f}%,"
         f" target within 20%)"
     )
