@@ -173,7 +173,8 @@ class Hub:
         if feed.viewers <= 0 and self.feeds.get(feed.run_id) is feed:
             del self.feeds[feed.run_id]
             if not self.feeds:  # the last viewer left
-                asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._trim)
+                with contextlib.suppress(RuntimeError):  # no loop: a stream finalised late
+                    asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._trim)
 
     def _trim(self) -> None:
         """Give the memory a crowd of viewers used back to the system once they are all gone:

@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.workers < 1:
         return _fail("--workers must be at least 1")
+    if args.workers > 1 and not hasattr(os, "fork"):
+        return _fail("--workers needs a POSIX system (fork); run several `gradwatch serve` instead")
     url_error = _check_url(settings.database_url)
     if url_error:
         return _fail(url_error)
