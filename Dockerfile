@@ -25,8 +25,8 @@ WORKDIR /home/gradwatch
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=3)"]
-# `serve` applies the Alembic migrations before it starts listening.
-CMD ["gradwatch", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# `serve` applies the Alembic migrations before it starts listening, then forks the workers.
+CMD ["gradwatch", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
 
 FROM base AS trainer
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \

@@ -16,8 +16,13 @@ serialises each batch with the stdlib `json` and POSTs it on one keep-alive conn
 installed only in bench/.venv-mlflow (created on first use: `python -m venv` + `pip install
 mlflow`); `MlflowClient.log_batch` with its maximum of 1,000 metrics a call, metric
 `<task>.<field>` at step = epoch. Figures are scalar values stored per second, median of the
-repetitions. The read figure is the median time of GET /api/runs/{id}/metrics for the
-5,000-epoch run (SQLite), over HTTP, body fully read.
+repetitions, with the spread (slowest-fastest repetition). "pg 2 clients": two clients at
+once, each streaming the workload into its own run, through one server process or through two
+processes on the same PostgreSQL database (aggregate values/s).
+The read figures: GET /api/runs/{id}/metrics for the 5,000-epoch run over HTTP, body fully
+read, on each database, for the JSON body, JSON with gzip, and the compact columnar body
+(server/metrics_wire.py): the first read (from the database) and the median of the next ones
+(the process's body cache, valid while the run does not change), with the bytes on the wire.
 """
 
 from __future__ import annotations
@@ -130,17 +135,47 @@ def per_epoch_latency(url: str, records: list[dict[str, Any]]) -> float:
     return statistics.median(times) * 1000
 
 
-def read_time(url: str, run_id: str, repeats: int) -> tuple[float, int]:
-    """Median ms of GET metrics (whole history) and the response size."""
+READS = {
+    "JSON": {},
+    "JSON, gzip": {"Accept-Encoding": "gzip"},
+    "compact": {"Accept": "application/x-gradwatch-columns", "Accept-Encoding": "gzip"},
+}
+
+
+def read_times(url: str, run_id: str, repeats: int) -> dict[str, tuple[float, list[float], int]]:
+    """Per body kind: (first read ms, later reads ms, bytes on the wire) of GET metrics (the
+    whole history, body fully read). The first read of a kind reads the database; later ones
+    are served from the process's body cache while the run does not change."""
     client = Http(url)
-    times, size = [], 0
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
-        status, data = client.request("GET", f"/api/runs/{run_id}/metrics")
-        times.append(time.perf_counter() - t0)
-        assert status == 200, data[:200]
-        size = len(data)
-    return statistics.median(times[2:]) * 1000, size  # first two warm the caches
+    out = {}
+    for name, headers in READS.items():
+        times, size = [], 0
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            client.conn.request("GET", f"/api/runs/{run_id}/metrics", headers=headers)
+            r = client.conn.getresponse()
+            data = r.read()
+            times.append((time.perf_counter() - t0) * 1000)
+            assert r.status == 200, data[:200]
+            size = len(data)
+        out[name] = (times[0], times[1:], size)
+    return out
+
+
+def concurrent_ingest(urls: list[str], records: list[dict[str, Any]], batch: int) -> float:
+    """Seconds for one client per URL, at once, each streaming `records` into its own run."""
+    import threading
+
+    seconds: list[float] = []
+    threads = [threading.Thread(target=lambda u=u: seconds.append(gradwatch_ingest(u, records,
+                                batch)[0])) for u in urls]  # fmt: skip
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seconds) == len(urls)
+    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- MLflow
@@ -257,22 +292,38 @@ def main() -> int:
         f"B: 10 tasks x {1000 // scale} epochs": workload(10, 1000 // scale, cosine=False),
     }
     rates: dict[tuple[str, str], float] = {}
+    spreads: dict[tuple[str, str], str] = {}
     tmp = Path(tempfile.mkdtemp(prefix="gradwatch-bench-"))
     pg_url = create_pg_database("gradwatch_bench")
-    read_ms = read_size = latency_ms = None
+    reads: dict[str, Any] = {}
+    latency_ms = None
+
+    def note(name: str, system: str, n: int, secs: list[float]) -> None:
+        rates[(name, system)] = n / statistics.median(secs)
+        spreads[(name, system)] = f"{n / max(secs):,.0f}-{n / min(secs):,.0f}"
+
     try:
         for db, url in (("sqlite", f"sqlite:///{tmp / 'bench.db'}"), ("postgresql", pg_url)):
             with ServerProcess(url) as server:
                 for name, records in workloads.items():
-                    n = count_values(records)
                     secs = []
                     for _ in range(repeats):
                         s, run_id = gradwatch_ingest(server.url, records, args.batch)
                         secs.append(s)
-                    rates[(name, f"gradwatch {db}")] = n / statistics.median(secs)
+                    note(name, f"gradwatch {db}", count_values(records), secs)
+                    if name.startswith("A"):
+                        reads[db] = read_times(server.url, run_id, 10 if args.quick else 30)
                     if db == "sqlite" and name.startswith("A"):
-                        read_ms, read_size = read_time(server.url, run_id, 10 if args.quick else 30)
                         latency_ms = per_epoch_latency(server.url, records[:200])
+                if db == "postgresql":  # two clients at once: one process, then two
+                    with ServerProcess(url) as second:
+                        for name, records in workloads.items():
+                            for system, urls in (("pg 2 clients, 1 proc", [server.url] * 2),
+                                                 ("pg 2 clients, 2 procs",
+                                                  [server.url, second.url])):  # fmt: skip
+                                secs = [concurrent_ingest(urls, records, args.batch)
+                                        for _ in range(repeats)]  # fmt: skip
+                                note(name, system, 2 * count_values(records), secs)
         if not args.no_mlflow:
             python = ensure_mlflow()
             with MlflowServer(tmp) as mlflow_server:
@@ -283,7 +334,7 @@ def main() -> int:
                     for _ in range(repeats):
                         s, values = mlflow_ingest(python, mlflow_server.url, path)
                         secs.append(s)
-                    rates[(name, "mlflow log_batch")] = values / statistics.median(secs)
+                    note(name, "mlflow log_batch", values, secs)
     finally:
         drop_pg_database(pg_url)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -292,20 +343,25 @@ def main() -> int:
         f"\ningest over loopback HTTP, median of {repeats}; gradwatch batch = {args.batch} "
         f"epochs/request, MLflow batch = {MLFLOW_MAX_METRICS} metrics/call"
     )
-    print(f"{'workload':<28}{'system':<22}{'values/s':>14}{'vs MLflow':>12}")
+    systems = ("gradwatch sqlite", "gradwatch postgresql", "pg 2 clients, 1 proc",
+               "pg 2 clients, 2 procs", "mlflow log_batch")  # fmt: skip
+    print(f"{'workload':<28}{'system':<24}{'values/s':>12}{'spread':>22}{'vs MLflow':>11}")
     for name in workloads:
         base = rates.get((name, "mlflow log_batch"))
-        for system in ("gradwatch sqlite", "gradwatch postgresql", "mlflow log_batch"):
+        for system in systems:
             rate = rates.get((name, system))
             if rate is None:
                 continue
             ratio = f"{rate / base:.1f}x" if base else "-"
-            print(f"{name:<28}{system:<22}{rate:>14,.0f}{ratio:>12}")
-    if read_ms is not None:
-        print(
-            f"\nread back the {5000 // scale}-epoch, 2-task history (GET metrics, SQLite, HTTP): "
-            f"median {read_ms:.1f} ms, {read_size / 1e6:.2f} MB"
-        )
+            spread = spreads.get((name, system), "")
+            print(f"{name:<28}{system:<24}{rate:>12,.0f}{spread:>22}{ratio:>11}")
+    for db, kinds in reads.items():
+        print(f"\nread back the {5000 // scale}-epoch, 2-task history (GET metrics, {db}, HTTP):")
+        for kind, (first, later, size) in kinds.items():
+            print(
+                f"  {kind:<11} first {first:6.1f} ms; then median {statistics.median(later):5.1f}"
+                f" ms (min {min(later):.1f}, max {max(later):.1f}); {size / 1e6:.2f} MB"
+            )
     if latency_ms is not None:
         print(f"one-epoch POST (live training, one request an epoch): median {latency_ms:.2f} ms")
     return 0

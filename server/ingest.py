@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from client_hook import gradstats
-from server import alerts, epoch_blocks, models, schemas
+from server import alerts, epoch_blocks, models, notify, schemas
 from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
 from server.models import utcnow
@@ -81,6 +81,7 @@ def _resume(session: Session, run: models.Run, tasks: list[str]) -> models.Run:
     if existing != tasks:
         raise TasksConflict({"existing": existing, "requested": tasks})
     run.status, run.finished_at, run.updated_at = "running", None, utcnow()
+    notify.run_changed(session, run.id)
     return run
 
 
@@ -114,6 +115,7 @@ def create_or_resume_run(
     session.add_all(
         models.RunTask(run_id=run_id, position=i, name=name) for i, name in enumerate(body.tasks)
     )
+    notify.run_changed(session, run_id)
     try:
         session.commit()
     except IntegrityError:  # the same id created concurrently (PostgreSQL): resume it
@@ -138,11 +140,13 @@ def update_run(session: Session, run: models.Run, body: schemas.RunUpdate) -> mo
         alerts.recompute(session, run)
         alerts.refresh_run_flags(session, run)
     run.updated_at = now
+    notify.run_changed(session, run.id)
     session.commit()
     return run
 
 
 def delete_run(session: Session, run: models.Run) -> None:
+    notify.run_changed(session, run.id)
     session.delete(run)
     session.commit()
 
@@ -173,8 +177,16 @@ def _sqlite_nan(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 
 
 def _insert(conn: sa.Connection, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
-    """executemany straight on the driver: no per-value type processing (this is the hot path;
-    values are already in the database's form, see `_prepare`)."""
+    """Straight on the driver, no per-value type processing (this is the hot path; values are
+    already in the database's form, see `_prepare`): COPY on PostgreSQL (one stream of rows,
+    not a statement per row: https://www.postgresql.org/docs/current/populate.html),
+    executemany on SQLite."""
+    if conn.dialect.name == "postgresql":
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
     conn.exec_driver_sql(sql, rows)
@@ -312,6 +324,7 @@ def ingest_batch(
             run.last_epoch = new[-1].epoch
             run.last_grad_norm_ratio = new[-1].view.grad_norm_ratio
         run.updated_at = utcnow()
+        notify.run_changed(session, run.id)
     cursor = session.scalar(sa.select(sa.func.max(e.id)).where(e.run_id == run.id)) or 0
     session.commit()
     return schemas.IngestResult(

@@ -108,6 +108,17 @@ def list_projects(session: Session) -> list[str]:
     return list(rows)
 
 
+def metrics_stamp(session: Session, run_id: uuid.UUID) -> tuple[object, int]:
+    """(updated_at, latest epoch id) of a run: what moves whenever a metrics read of it could
+    change (see server.metrics_wire.BodyCache). Raises RunNotFound."""
+    r, e = models.Run, models.Epoch
+    latest = sa.select(sa.func.max(e.id)).where(e.run_id == run_id).scalar_subquery()
+    row = session.execute(sa.select(r.updated_at, latest).where(r.id == run_id)).first()
+    if row is None:
+        raise RunNotFound({"run_id": str(run_id)})
+    return row[0], row[1] or 0
+
+
 # ---------------------------------------------------------------- alerts
 
 
@@ -152,6 +163,7 @@ __all__ = [
     "list_projects",
     "list_runs",
     "metrics_data",
+    "metrics_stamp",
     "run_read",
     "run_tasks",
 ]

@@ -1,9 +1,10 @@
 """`gradwatch serve`: apply the migrations, then run the app under uvicorn.
 
-One process, one event loop, no `--workers`: uvicorn's multi-worker mode hands sockets to
-its workers in a way that leaves Nagle's algorithm on, which costs ~40 ms per small
-response on loopback (uvicorn issue #3149). We bind the socket ourselves, which also gives
-a one-line error when the port is taken.
+One process by default; `--workers N` forks N of them on one listening socket
+(server.workers). We bind the socket ourselves, with IPPROTO_TCP and TCP_NODELAY so that no
+small response waits on Nagle's algorithm (uvicorn issue #3149), which also gives a one-line
+error when the port is taken. Several `gradwatch serve` processes, on one machine or many,
+may share one PostgreSQL database: they keep no state of their own (server.livefeed).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "serve") -> None:
         help="listen on a non-loopback address without GRADWATCH_TOKEN "
         "(GRADWATCH_ALLOW_INSECURE_BIND)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (default 1; more than one needs PostgreSQL "
+        "to be useful: SQLite has a single writer)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
 
@@ -41,8 +49,10 @@ def _fail(message: str) -> int:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted ones
     try:
         sock.bind((host, port))
     except OSError:
@@ -76,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
                 f"refusing to listen on {settings.host} without GRADWATCH_TOKEN "
                 "(set a token, or pass --allow-insecure-bind)"
             )
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
+    if args.workers > 1 and not hasattr(os, "fork"):
+        return _fail("--workers needs a POSIX system (fork); run several `gradwatch serve` instead")
     url_error = _check_url(settings.database_url)
     if url_error:
         return _fail(url_error)
@@ -86,7 +100,17 @@ def run(args: argparse.Namespace) -> int:
         sock = _bind(settings.host, settings.port)
     except OSError as exc:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
-    return _serve(settings, sock, args.log_level, args.access_log)
+    if args.workers == 1:
+        return _serve(settings, sock, args.log_level, args.access_log)
+    from server.workers import supervise
+
+    print(
+        f"gradwatch: {args.workers} worker processes on http://{settings.host}:{settings.port}"
+        f" (supervisor pid {os.getpid()})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return supervise(args.workers, lambda: _serve(settings, sock, args.log_level, args.access_log))
 
 
 def _check_url(url: str) -> str | None:

@@ -184,3 +184,9 @@ def test_compose_server_configuration_runs_natively(compose_database: str) -> No
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_server_service_runs_several_processes() -> None:
+    """The team set-up shows the multi-process server (server.workers), natively tested above."""
+    command = SERVICES["server"]["command"]
+    assert int(command[command.index("--workers") + 1]) >= 2

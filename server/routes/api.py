@@ -13,12 +13,12 @@ from typing import Annotated, Any
 
 import orjson
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from server import ingest, models, queries, schemas
+from server import ingest, metrics_wire, models, queries, schemas
 from server.db import SessionDep, database_kind
 from server.errors import RunNotFound
 from server.security import require_read, require_write
@@ -227,6 +227,13 @@ def _json_columns(d: queries.MetricsData) -> bytes:
     )
 
 
+def _body_cache(request: Request) -> metrics_wire.BodyCache:
+    cache = getattr(request.app.state, "metrics_bodies", None)
+    if cache is None:
+        cache = request.app.state.metrics_bodies = metrics_wire.BodyCache()
+    return cache
+
+
 def _task_list(tasks: str | None) -> list[str] | None:
     names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     return names or None
@@ -238,6 +245,7 @@ def _task_list(tasks: str | None) -> list[str] | None:
 def get_metrics(
     run_id: RunId,
     session: SessionDep,
+    request: Request,
     tasks: Annotated[str | None, Query(description="Comma-separated task names")] = None,
     epoch_min: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
     epoch_max: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
@@ -245,19 +253,35 @@ def get_metrics(
         int | None, Query(ge=0, le=MAX_INT63, description="Cursor of a previous read/ingest")
     ] = None,
     max_points: Annotated[int | None, Query(ge=2, le=1_000_000)] = None,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+    accept_encoding: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """Columnar metrics. `since` returns only epochs stored after that cursor; `max_points`
-    downsamples keeping each bucket's min and max grad_norm_ratio and every alert epoch."""
-    d = queries.metrics_data(
-        session,
-        run_id,
-        tasks=_task_list(tasks),
-        epoch_min=epoch_min,
-        epoch_max=epoch_max,
-        since=since,
-        max_points=max_points,
-    )
-    return Response(_json_columns(d), media_type="application/json")
+    downsamples keeping each bucket's min and max grad_norm_ratio and every alert epoch.
+
+    `Accept: application/x-gradwatch-columns` gets the same columns as little-endian arrays
+    (float32 statistics, ~4x smaller than the JSON; layout in server/metrics_wire.py). The
+    JSON body is gzipped when `Accept-Encoding` allows it."""
+    compact = metrics_wire.wants(accept, metrics_wire.MEDIA_TYPE)
+    gzip_ok = not compact and metrics_wire.wants(accept_encoding, "gzip")
+    names = _task_list(tasks)
+    stamp = queries.metrics_stamp(session, run_id)
+    key = (run_id, stamp, names and tuple(names), epoch_min, epoch_max, since, max_points,
+           compact, gzip_ok)  # fmt: skip
+    bodies = _body_cache(request)
+    hit = bodies.get(key)
+    if hit is not None:
+        return Response(hit[0], media_type=hit[1]["Content-Type"], headers=hit[1])
+    d = queries.metrics_data(session, run_id, tasks=names, epoch_min=epoch_min,
+                             epoch_max=epoch_max, since=since, max_points=max_points)  # fmt: skip
+    if compact:
+        body, headers = metrics_wire.encode(d), {"Content-Type": metrics_wire.MEDIA_TYPE}
+    else:
+        body, headers = metrics_wire.maybe_gzip(_json_columns(d), accept_encoding)
+        headers["Content-Type"] = "application/json"
+    headers["Vary"] = "Accept, Accept-Encoding"
+    bodies.put(key, body, headers)
+    return Response(body, media_type=headers["Content-Type"], headers=headers)
 
 
 @reads.get(

@@ -1,17 +1,17 @@
 """Server-sent events that keep the dashboard live.
 
-`GET /api/runs/{id}/stream?since=CURSOR`: the server polls the database about once a second and
-sends `event: metrics` with only the epochs stored after the cursor (a columnar `MetricsRead`;
-its `cursor` is the event id, so a browser that reconnects after a server restart resumes with
-`Last-Event-ID`), `event: run` when the run's summary or alerts change, and `event: end` once
-the run is no longer running and every epoch has been sent.
+`GET /api/runs/{id}/stream?since=CURSOR`: `event: metrics` with only the epochs stored after the
+cursor (a columnar `MetricsRead`; its `cursor` is the event id, so a browser that reconnects
+after a server restart resumes with `Last-Event-ID`), `event: run` when the run's summary or
+alerts change, and `event: end` once the run is no longer running and every epoch has been sent.
 
 `GET /api/stream/runs?project=&status=&flagged=&offset=`: `event: runs` with the runs list page
 (a `RunList`) whenever it changes.
 
-A poll first reads one cheap row (the run, or max(updated_at) of the filtered runs) and only
-reads metrics when it changed. Each response ends after `MAX_STREAM_SECONDS`; EventSource then
-reconnects on its own, so no connection outlives a server's graceful-shutdown window for long.
+Streams do not poll: after one catch-up read each follows its process's hub (server.livefeed),
+which reads each change of a watched run once for all of its streams. Each response ends after
+`MAX_STREAM_SECONDS`; EventSource then reconnects on its own, so no connection outlives a
+server's graceful-shutdown window for long.
 """
 
 from __future__ import annotations
@@ -20,23 +20,21 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
-from server import models, queries, schemas
+from server import livefeed, models, queries, schemas
 from server.routes.pages import RUNS_PER_PAGE, runs_filters
 from server.security import require_read
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_read)])
 
-POLL_SECONDS = 1.0
+POLL_SECONDS = livefeed.POLL_SECONDS
 HEARTBEAT_SECONDS = 15.0
 MAX_STREAM_SECONDS = 120.0
 RETRY_MS = 2000
@@ -52,13 +50,7 @@ def sse(event: str, data: str, event_id: int | None = None) -> str:
 
 async def in_session(request: Request, fn: Callable[[Session], T]) -> T:
     """Run `fn` with a fresh read session in the thread pool (the DB drivers are blocking)."""
-    factory: sessionmaker[Session] = request.app.state.session_factory
-
-    def call() -> T:
-        with factory() as session:
-            return fn(session)
-
-    return await run_in_threadpool(call)
+    return await livefeed.hub_of(request.app).read(fn)
 
 
 def parse_cursor(since: int | None, last_event_id: str | None) -> int | None:
@@ -73,55 +65,54 @@ def latest_cursor(session: Session, run_id: uuid.UUID) -> int:
         models.Epoch.run_id == run_id)) or 0  # fmt: skip
 
 
-def run_signature(session: Session, run_id: uuid.UUID) -> tuple[Any, ...] | None:
-    run = session.get(models.Run, run_id)
-    if run is None:
-        return None
-    return (run.status, run.epoch_count, run.open_alert_count, run.flagged, run.updated_at)
-
-
-def run_update(session: Session, run_id: uuid.UUID, cursor: int) -> dict[str, Any]:
-    """New epochs since `cursor`, the run's summary and its alerts."""
-    # The run first: if it reads "finished", the metrics read after it hold every epoch.
-    run = queries.get_run(session, run_id)
-    alerts = queries.list_alerts(session, run_id=run_id)
-    return {
-        "run": run,
-        "alerts": alerts,
-        "metrics": queries.get_metrics(session, run_id, since=cursor),
-    }
-
-
 async def run_events(request: Request, run_id: uuid.UUID, cursor: int) -> AsyncIterator[str]:
+    """Catch up from `cursor` with one read of our own, then follow the process's shared feed
+    (server.livefeed): one step per change it publishes, no query of ours while its log
+    covers our cursor."""
     yield f"retry: {RETRY_MS}\n\n"
-    started = last_sent = time.monotonic()
-    seen: tuple[Any, ...] | None = None
-    while time.monotonic() - started < MAX_STREAM_SECONDS:
-        sig = await in_session(request, lambda s: run_signature(s, run_id))
-        if sig is None:  # deleted while watched
-            yield sse("end", orjson.dumps({"deleted": True}).decode())
-            return
-        if sig != seen:
-            seen = sig
-            update = await in_session(request, partial(run_update, run_id=run_id, cursor=cursor))
-            metrics: schemas.MetricsRead = update["metrics"]
-            if metrics.epochs:
-                cursor = metrics.cursor
-                yield sse("metrics", metrics.model_dump_json(), cursor)
-            run: schemas.RunRead = update["run"]
-            summary = {
-                "run": run.model_dump(mode="json"),
-                "alerts": [a.model_dump(mode="json") for a in update["alerts"]],
-            }
-            yield sse("run", orjson.dumps(summary).decode(), cursor)
-            last_sent = time.monotonic()
-            if run.status != schemas.RunStatus.running:
-                yield sse("end", orjson.dumps({"status": run.status.value}).decode(), cursor)
+    hub = livefeed.hub_of(request.app)
+    feed = hub.subscribe(run_id)
+    try:
+        started = time.monotonic()
+        seen = feed.version  # before our read: a change published meanwhile is acted on
+        update = await hub.read(lambda s: livefeed.read_update(s, run_id, cursor))
+        sent = ""
+        while True:
+            for at, text in update.metrics:
+                if at > cursor:
+                    cursor = at
+                    yield sse("metrics", text, cursor)
+            if update.status == "deleted":  # deleted while watched
+                yield sse("end", orjson.dumps({"deleted": True}).decode())
                 return
-        elif time.monotonic() - last_sent > HEARTBEAT_SECONDS:
-            yield ": ping\n\n"
-            last_sent = time.monotonic()
-        await asyncio.sleep(POLL_SECONDS)
+            if update.summary != sent:
+                sent = update.summary
+                yield sse("run", sent, cursor)
+            if update.status != schemas.RunStatus.running.value:
+                yield sse("end", orjson.dumps({"status": update.status}).decode(), cursor)
+                return
+            while feed.version == seen:
+                left = MAX_STREAM_SECONDS - (time.monotonic() - started)
+                if left <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(feed.changed.wait(), min(left, HEARTBEAT_SECONDS))
+                except TimeoutError:
+                    yield ": ping\n\n"
+            seen = feed.version
+            update = await _follow(hub, feed, run_id, cursor)
+    finally:
+        hub.unsubscribe(feed)
+
+
+async def _follow(hub: livefeed.Hub, feed: livefeed.RunFeed, run_id: uuid.UUID,
+                  cursor: int) -> livefeed.Update:  # fmt: skip
+    """The feed's news after `cursor`: from its shared log, or (when the log cannot say, or
+    the run ended and we must be sure to hold every epoch) one read of our own."""
+    chain = feed.chain(cursor)
+    if chain is not None and feed.status == "running":
+        return livefeed.Update(chain, feed.summary, feed.status, feed.cursor or cursor)
+    return await hub.read(lambda s: livefeed.read_update(s, run_id, cursor))
 
 
 @router.get("/api/runs/{run_id}/stream")
@@ -141,36 +132,30 @@ async def run_stream(
     )
 
 
-def list_signature(session: Session, filters: dict[str, Any]) -> tuple[Any, ...]:
-    r = models.Run
-    where = []
-    if filters["project"] is not None:
-        where.append(r.project == filters["project"])
-    if filters["status"] is not None:
-        where.append(r.status == filters["status"])
-    if filters["flagged"] is not None:
-        where.append(r.flagged == filters["flagged"])
-    row = session.execute(sa.select(sa.func.count(), sa.func.max(r.updated_at)).where(*where)).one()
-    return tuple(row)
-
-
 async def list_events(request: Request, filters: dict[str, Any], offset: int) -> AsyncIterator[str]:
+    """The page now, then again after each change the process's hub sees (at most one read a
+    second per stream)."""
     yield f"retry: {RETRY_MS}\n\n"
-    started = last_sent = time.monotonic()
-    seen: tuple[Any, ...] | None = None
-    while time.monotonic() - started < MAX_STREAM_SECONDS:
-        sig = await in_session(request, lambda s: list_signature(s, filters))
-        if sig != seen:
-            seen = sig
-            runs = await in_session(
-                request,
-                lambda s: queries.list_runs(s, **filters, limit=RUNS_PER_PAGE, offset=offset),
-            )
-            yield sse("runs", runs.model_dump_json())
-            last_sent = time.monotonic()
-        elif time.monotonic() - last_sent > HEARTBEAT_SECONDS:
-            yield ": ping\n\n"
-            last_sent = time.monotonic()
+    hub = livefeed.hub_of(request.app)
+    started = time.monotonic()
+    sent = ""
+    while True:
+        seen = hub.list_version
+        runs = await in_session(
+            request, lambda s: queries.list_runs(s, **filters, limit=RUNS_PER_PAGE, offset=offset)
+        )
+        text = runs.model_dump_json()
+        if text != sent:
+            sent = text
+            yield sse("runs", text)
+        while hub.list_version == seen:
+            left = MAX_STREAM_SECONDS - (time.monotonic() - started)
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(hub.list_waiter().wait(), min(left, HEARTBEAT_SECONDS))
+            except TimeoutError:
+                yield ": ping\n\n"
         await asyncio.sleep(POLL_SECONDS)
 
 
