@@ -63,6 +63,10 @@ class Balancer(ABC):
         total.backward()
         return total.detach()
 
+    def measure(self, losses: Mapping[str, Tensor]) -> None:  # noqa: B027 - optional hook
+        """Compute what this step's `report()` needs before `backward()` (GradNorm's targets);
+        a no-op for most balancers. `backward()` reuses it for the same loss tensors."""
+
     def report(self) -> dict[str, Any]:
         """What the balancer did, for `GradMonitor.observe(..., extras=report)`."""
         return {"task_weight": self.weights}

@@ -17,9 +17,10 @@ Non-finite losses: a step whose balancer loss is not finite moves no weight, Ada
 step count included (the step is undone on the device, no host read). L_i(0) is each task's
 first FINITE loss: a NaN in the first step does not become the reference.
 
-`report()` read before `backward()` (the order of the loop in `__init__`) has the weights only:
-the targets of this step do not exist yet, and the previous step's are not handed out as if they
-were this one's. Read after `backward()`, it has this step's targets and balancer loss.
+`report()` read before `backward()` never hands out the previous step's targets as this one's:
+call `measure(losses)` first (the reference trainer does) and it has this step's targets and
+balancer loss, which `backward()` then reuses; without it, it has the weights only until
+`backward()` has run.
 
 Speed: give each task's loss as its own tensor. Slices of one stacked tensor
 (``{t: per_task[i]}``) make every per-task pass run through every head (6.0 -> 11.9 ms per
@@ -103,11 +104,14 @@ class GradNorm(Balancer):
         self.initial_losses: Tensor | None = None
         self._last: dict[str, Tensor] = {}
         self._last_forward = -1
+        self._pending: tuple[tuple[int, ...], Tensor] | None = None
 
     def _weight_vector(self) -> Tensor:
         return self.raw_weights
 
-    def backward(self, losses: Mapping[str, Tensor]) -> Tensor:
+    def measure(self, losses: Mapping[str, Tensor]) -> None:
+        """Compute this step's G_i, targets and balancer loss now (the network is untouched), so
+        that `report()` read before `backward()` has them; `backward()` then reuses them."""
         stacked = self.stack(losses)
         warn_if_slices(self, losses)
         weight = self.raw_weights
@@ -123,18 +127,25 @@ class GradNorm(Balancer):
         target = (weighted_norm.detach().mean() * relative_inverse_rate**self.alpha).detach()
         balancer_loss = (weighted_norm - target).abs().sum()
         (weight_grad,) = torch.autograd.grad(balancer_loss, [weight])
-
-        # The network: the plain weighted sum with the weights of THIS step, as constants.
-        total = (weight.detach().to(stacked.dtype) * stacked).sum()
-        total.backward()
-
-        self._step_weights(weight_grad, torch.isfinite(balancer_loss))
         self._last_forward = self.grad_norms.forward_count
         self._last = {
             "target": target,
             "balancer_loss": balancer_loss.detach(),
             "grad_norm": grad_norm,
         }
+        self._pending = (_identity(losses), weight_grad)
+
+    def backward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        if self._pending is None or self._pending[0] != _identity(losses):
+            self.measure(losses)
+        assert self._pending is not None
+        weight_grad = self._pending[1]
+        self._pending = None
+        stacked = self.stack(losses)
+        # The network: the plain weighted sum with the weights of THIS step, as constants.
+        total = (self.raw_weights.detach().to(stacked.dtype) * stacked).sum()
+        total.backward()
+        self._step_weights(weight_grad, torch.isfinite(self._last["balancer_loss"]))
         return total.detach()
 
     def _initial_from(self, losses: Tensor) -> Tensor:
@@ -177,3 +188,8 @@ class GradNorm(Balancer):
         """||grad_W L_i|| (unweighted) measured in the last step."""
         norms = self._last.get("grad_norm")
         return {} if norms is None else {t: norms[i] for i, t in enumerate(self.tasks)}
+
+
+def _identity(losses: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """Which loss tensors these are (a step's measurement is reused only for the same ones)."""
+    return tuple(id(loss) for loss in losses.values())

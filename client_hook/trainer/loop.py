@@ -234,6 +234,7 @@ def _run_epoch(
         losses = problem.losses(problem.model(x), targets)
         optimizer.zero_grad(set_to_none=True)
         if monitor is not None:
+            balancer.measure(losses)  # this step's targets for the report, reused by backward
             monitor.observe(losses, weights=balancer.weights, extras=balancer.report())
         total = balancer.backward(losses)
         if monitor is not None:

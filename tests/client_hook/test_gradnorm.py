@@ -344,3 +344,22 @@ def test_a_diagnostic_forward_before_the_step_neither_warns_nor_changes_g():
         warnings.simplefilter("error")
         balancer.backward(losses)
     torch.testing.assert_close(balancer._last["grad_norm"], expected)
+
+
+def test_measure_before_report_gives_this_steps_targets_and_backward_reuses_them():
+    model = make_model()
+    other = copy.deepcopy(model)
+    balancer = GradNorm(TASKS, model.shared)
+    losses = losses_of(model, make_batch(0))
+    balancer.measure(losses)
+    report = balancer.report()
+    assert set(report) == {"task_weight", "target_grad_norm", "balancer_loss"}
+    calls: list[int] = []
+    # a second measurement inside backward() would go through _deltas
+    balancer.grad_norms._deltas = lambda losses: calls.append(1)  # type: ignore[method-assign]
+    balancer.backward(losses)
+    assert calls == []
+    reference = GradNorm(TASKS, other.shared)
+    reference.backward(losses_of(other, make_batch(0)))
+    torch.testing.assert_close(balancer.raw_weights, reference.raw_weights)
+    torch.testing.assert_close(report["balancer_loss"], reference.report()["balancer_loss"])
