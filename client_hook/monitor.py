@@ -266,9 +266,11 @@ class GradMonitor:
     def note(self, extras: Mapping[str, Any]) -> None:
         """Add what a balancer reported after the step's backward (``balancer.report()``:
         GradNorm's targets and ``L_grad``) to the step just observed; ignored when that step is
-        not measured. Same keys as ``observe``'s ``extras``."""
+        not measured. Same keys as ``observe``'s ``extras`` except ``task_weight``: the weights
+        of the step are those given to ``observe`` (a balancer may have stepped them since)."""
         if self._sampled and self.measurer.pending is not None:
-            self.measurer.note(self._extras(extras, self._weights))
+            computed = {k: v for k, v in extras.items() if k != "task_weight"}
+            self.measurer.note(self._extras(computed, self._weights))
 
     def _extras(self, extras: Mapping[str, Any], weights: Mapping[str, Any]) -> dict[str, Any]:
         """A balancer's report as per-task lists in task order."""
