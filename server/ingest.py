@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from server import alerts, epoch_blocks, models, schemas
+from server import alerts, epoch_blocks, groups, models, schemas
 from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
 from server.models import utcnow
@@ -149,7 +149,9 @@ def delete_run(session: Session, run: models.Run) -> None:
 # ---------------------------------------------------------------- epochs
 
 
-EPOCH_COLUMNS = ("run_id", "epoch", *models.EPOCH_FIELDS, "has_non_finite", "digest")
+EPOCH_COLUMNS = (
+    "run_id", "epoch", *models.EPOCH_FIELDS, "has_non_finite", "digest", "groups_json"
+)  # fmt: skip
 TASK_COLUMNS = ("run_id", "task_id", "epoch", *models.TASK_FIELDS)
 COSINE_COLUMNS = ("run_id", "task_a_id", "task_b_id", "epoch", "value")
 
@@ -263,7 +265,13 @@ def _prepare(
     for pa, pb, packed in sorted(parts, key=lambda p: (p[0], p[1])):
         digest.update(struct.pack("<ii", pa, pb) + packed)
     non_finite = non_finite or bad
-    rows = [(run_key, rec.epoch, *epoch_values, non_finite, digest.hexdigest())]
+    group_text = None
+    if rec.groups is not None:  # absent from the digest when absent: older digests stay valid
+        names = sorted(tasks, key=lambda n: tasks[n][1])
+        group_text, bad = groups.canonical(where, rec.groups, names)
+        digest.update(b"groups" + group_text.encode())
+        non_finite = non_finite or bad
+    rows = [(run_key, rec.epoch, *epoch_values, non_finite, digest.hexdigest(), group_text)]
     if non_finite and sqlite:
         rows, task_rows, cosine_rows = map(_sqlite_nan, (rows, task_rows, cosine_rows))
     view = alerts.EpochView(rec.epoch, ratio, min_cos, norms, weights)

@@ -99,6 +99,21 @@ class PairCosine(ApiModel):
     value: Metric
 
 
+MAX_GROUPS = 64
+
+
+class GroupEpoch(ApiModel):
+    """One parameter group's (a layer's) numbers for one epoch: where in the network a task
+    dominates or the tasks conflict."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    grad_norm: dict[TaskName, Metric] = Field(
+        description="Every task of the run: ||grad_Wg L_i||_2 over the group's parameters Wg."
+    )
+    grad_norm_ratio: Metric = Field(None, description="max_i / min_i of |w_i| grad_norm_i.")
+    min_cosine: Metric = Field(None, description="Smallest pairwise cosine within the group.")
+
+
 class EpochRecord(ApiModel):
     epoch: int = Field(ge=0)
     tasks: dict[TaskName, TaskEpoch] = Field(
@@ -117,6 +132,11 @@ class EpochRecord(ApiModel):
     balancer_loss: Metric = Field(None, description="E.g. GradNorm's L_grad.")
     wall_time: Metric = Field(None, description="Seconds the epoch took.")
     step_count: int | None = Field(None, ge=0)
+    groups: list[GroupEpoch] | None = Field(
+        None,
+        max_length=MAX_GROUPS,
+        description=f"Per-parameter-group numbers (unique names, at most {MAX_GROUPS}).",
+    )
 
 
 class EpochBatch(ApiModel):
@@ -169,6 +189,15 @@ class PairSeries(ApiModel):
     values: list[Metric]
 
 
+class GroupSeries(ApiModel):
+    """One parameter group's columns, aligned with `MetricsRead.epochs` (None: not measured)."""
+
+    name: str
+    grad_norm: dict[str, list[Metric]]
+    grad_norm_ratio: list[Metric]
+    min_cosine: list[Metric]
+
+
 class MetricsRead(ApiModel):
     """Columnar metrics: every list is aligned with `epochs` (ascending)."""
 
@@ -183,6 +212,9 @@ class MetricsRead(ApiModel):
         description="task name -> TaskEpoch field -> values"
     )
     cosines: list[PairSeries]
+    groups: list[GroupSeries] = Field(
+        default_factory=list, description="Per-parameter-group columns, in first-seen order."
+    )
     cursor: int = Field(
         description="Pass as `since` to receive only epochs stored after this read."
     )

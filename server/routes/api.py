@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from server import ingest, models, queries, schemas
+from server import groups, ingest, models, queries, schemas
 from server.db import SessionDep, database_kind
 from server.errors import RunNotFound
 from server.security import require_read, require_write
@@ -220,6 +220,7 @@ def _json_columns(d: queries.MetricsData) -> bytes:
             "epoch_metrics": d.epoch_metrics,
             "task_metrics": d.task_metrics,
             "cosines": [{"a": a, "b": b, "values": v} for a, b, v in d.cosines],
+            "groups": groups.for_json(d.groups),
             "cursor": d.cursor,
             "downsampled": d.downsampled,
             "total_epochs": d.total_epochs,
