@@ -57,9 +57,15 @@ def _clean_json(value: Any) -> Any:
     return value
 
 
+def _check_rearm(threshold: float, rearm: float | None) -> None:
+    if rearm is not None and rearm > threshold:
+        raise InvalidInput("rearm_ratio", f"must be at most the ratio threshold {threshold}")
+
+
 def _check_run_create(body: schemas.RunCreate, settings: Settings) -> None:
     check_text("name", body.name)
     check_text("project", body.project)
+    _check_rearm(body.ratio_threshold or settings.ratio_threshold, body.rearm_ratio)
     if len(body.tasks) > settings.max_tasks:
         raise InvalidInput("tasks", f"at most {settings.max_tasks} tasks per run")
     seen: set[str] = set()
@@ -102,6 +108,9 @@ def create_or_resume_run(
         status="running",
         config=_clean_json(body.config),
         ratio_threshold=body.ratio_threshold or settings.ratio_threshold,
+        alert_open_epochs=body.alert_open_epochs,
+        alert_close_epochs=body.alert_close_epochs,
+        rearm_ratio=body.rearm_ratio,
         created_at=now,
         updated_at=now,
         finished_at=None,
@@ -132,8 +141,12 @@ def update_run(session: Session, run: models.Run, body: schemas.RunUpdate) -> mo
     if body.status is not None:
         run.status = body.status.value
         run.finished_at = None if body.status == schemas.RunStatus.running else now
-    if body.ratio_threshold is not None and body.ratio_threshold != run.ratio_threshold:
-        run.ratio_threshold = body.ratio_threshold
+    before = alerts.run_hysteresis(run)
+    for name in ("ratio_threshold", "alert_open_epochs", "alert_close_epochs", "rearm_ratio"):
+        if getattr(body, name) is not None:
+            setattr(run, name, getattr(body, name))
+    _check_rearm(run.ratio_threshold, run.rearm_ratio)
+    if alerts.run_hysteresis(run) != before:
         alerts.recompute(session, run)
         alerts.refresh_run_flags(session, run)
     run.updated_at = now

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from server import models, schemas
+from server.alerts import run_hysteresis
 from server.errors import InvalidInput, RunNotFound
 from server.metrics import MetricsData, get_metrics, metrics_data
 
@@ -39,6 +40,7 @@ def run_tasks(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
 
 
 def run_read(run: models.Run, tasks: list[str]) -> schemas.RunRead:
+    h = run_hysteresis(run)
     return schemas.RunRead(
         id=run.id,
         name=run.name,
@@ -47,6 +49,9 @@ def run_read(run: models.Run, tasks: list[str]) -> schemas.RunRead:
         tasks=tasks,
         config=run.config or {},
         ratio_threshold=run.ratio_threshold,
+        alert_open_epochs=h.open_epochs,
+        alert_close_epochs=h.close_epochs,
+        rearm_ratio=h.rearm_level,
         created_at=run.created_at,
         updated_at=run.updated_at,
         finished_at=run.finished_at,
@@ -125,7 +130,8 @@ def list_alerts(
         stmt = stmt.where(a.run_id == run_id)
     if open_only:
         stmt = stmt.where(a.closed_epoch.is_(None))
-    stmt = stmt.order_by(a.opened_epoch.desc(), a.id.desc()).limit(limit)
+    # Newest first: by when an episode opened (across runs epochs are not comparable).
+    stmt = stmt.order_by(a.opened_at.desc(), a.id.desc()).limit(limit)
     return [
         schemas.AlertRead(
             id=al.id,

@@ -42,6 +42,15 @@ class RunCreate(ApiModel):
     ratio_threshold: float | None = Field(
         default=None, gt=1.0, description="Overrides the server default (10)."
     )
+    alert_open_epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="Imbalance opens after this many epochs above."
+    )
+    alert_close_epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="...closes after this many below re-arm."
+    )
+    rearm_ratio: float | None = Field(
+        default=None, gt=0, description="Re-arm level (<= threshold; default 0.7 x threshold)."
+    )
 
 
 class RunUpdate(ApiModel):
@@ -49,6 +58,15 @@ class RunUpdate(ApiModel):
 
     status: RunStatus | None = None
     ratio_threshold: float | None = Field(default=None, gt=1.0)
+    alert_open_epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="Imbalance opens after this many epochs above."
+    )
+    alert_close_epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="...closes after this many below re-arm."
+    )
+    rearm_ratio: float | None = Field(
+        default=None, gt=0, description="Re-arm level (<= threshold; default 0.7 x threshold)."
+    )
 
 
 class RunRead(ApiModel):
@@ -59,6 +77,9 @@ class RunRead(ApiModel):
     tasks: list[str]
     config: dict[str, Any]
     ratio_threshold: float
+    alert_open_epochs: int = 1
+    alert_close_epochs: int = 1
+    rearm_ratio: float | None = None
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
@@ -66,7 +87,7 @@ class RunRead(ApiModel):
     last_epoch: int | None = None
     last_grad_norm_ratio: Metric = None
     flagged: bool = Field(False, description="An imbalance alert is open or was ever opened.")
-    open_alerts: int = 0
+    open_alerts: int = Field(0, description="Open alerts of every kind.")
 
 
 class RunList(ApiModel):
