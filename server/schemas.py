@@ -243,6 +243,23 @@ class MetricsRead(ApiModel):
     total_epochs: int = Field(description="Epochs matching the filter before downsampling.")
 
 
+class VerdictItem(ApiModel):
+    key: str = Field(description="dominance, imbalance, conflict or weight_collapse")
+    level: str = Field(description="ok, warn or bad")
+    chart: str = Field(description="Id of the run-page chart it summarises (#chart-<id>).")
+    text: str
+
+
+class Verdict(ApiModel):
+    """GET /api/runs/{id}/verdict: computed from every stored epoch (server.verdict)."""
+
+    run_id: uuid.UUID
+    headline: str
+    items: list[VerdictItem]
+    suggestion: str = ""
+    numbers: dict[str, Any] = Field(description="The numbers the sentences are made of.")
+
+
 class ErrorBody(ApiModel):
     error: str
     detail: Any = None

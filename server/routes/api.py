@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from server import groups, ingest, models, queries, schemas
+from server import groups, ingest, models, queries, schemas, verdict
 from server.db import SessionDep, database_kind
 from server.errors import RunNotFound
 from server.security import require_read, require_write
@@ -336,6 +336,14 @@ def all_alerts(
     return schemas.AlertList(
         alerts=queries.list_alerts(session, run_id=run_id, open_only=open_only, limit=limit)
     )
+
+
+@reads.get(
+    "/api/runs/{run_id}/verdict", response_model=schemas.Verdict, tags=["runs"], responses=RUN
+)
+def run_verdict(run: RunDep, session: SessionDep) -> schemas.Verdict:
+    """The run's verdict: dominant task, imbalance, conflict, weight collapse, a next step."""
+    return verdict.compute(session, queries.run_read(run, ingest.task_names(session, run.id)))
 
 
 router.include_router(reads)
