@@ -39,7 +39,23 @@ def run_tasks(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
     return {rid: [r[1] for r in grp] for rid, grp in groupby(rows, key=lambda r: r[0])}
 
 
-def run_read(run: models.Run, tasks: list[str]) -> schemas.RunRead:
+def open_kinds(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
+    """Open alert episodes per run and kind (one grouped read)."""
+    a = models.Alert
+    rows = session.execute(
+        sa.select(a.run_id, a.kind, sa.func.count())
+        .where(a.run_id.in_(run_ids), a.closed_epoch.is_(None))
+        .group_by(a.run_id, a.kind)
+    )
+    out: dict[uuid.UUID, dict[str, int]] = {}
+    for rid, kind, n in rows:
+        out.setdefault(rid, {})[kind] = n
+    return out
+
+
+def run_read(
+    run: models.Run, tasks: list[str], kinds: dict[str, int] | None = None
+) -> schemas.RunRead:
     h = run_hysteresis(run)
     return schemas.RunRead(
         id=run.id,
@@ -60,6 +76,7 @@ def run_read(run: models.Run, tasks: list[str]) -> schemas.RunRead:
         last_grad_norm_ratio=run.last_grad_norm_ratio,
         flagged=bool(run.flagged),
         open_alerts=run.open_alert_count or 0,
+        open_alert_kinds=kinds or {},
     )
 
 
@@ -68,7 +85,8 @@ def get_run(session: Session, run_id: uuid.UUID) -> schemas.RunRead:
     run = session.get(models.Run, run_id)
     if run is None:
         raise RunNotFound({"run_id": str(run_id)})
-    return run_read(run, run_tasks(session, [run.id]).get(run.id, []))
+    kinds = open_kinds(session, [run.id]) if run.open_alert_count else {}
+    return run_read(run, run_tasks(session, [run.id]).get(run.id, []), kinds.get(run.id))
 
 
 def list_runs(
@@ -99,8 +117,10 @@ def list_runs(
         sa.select(models.Run).where(*where).order_by(*order).limit(limit).offset(offset)
     ).all()
     tasks = run_tasks(session, [r.id for r in runs]) if runs else {}
+    alerting = [r.id for r in runs if r.open_alert_count]
+    kinds = open_kinds(session, alerting) if alerting else {}
     return schemas.RunList(
-        runs=[run_read(r, tasks.get(r.id, [])) for r in runs],
+        runs=[run_read(r, tasks.get(r.id, []), kinds.get(r.id)) for r in runs],
         total=total,
         limit=limit,
         offset=offset,
@@ -114,6 +134,15 @@ def list_projects(session: Session) -> list[str]:
 
 
 # ---------------------------------------------------------------- alerts
+
+
+def running_run_ids(session: Session, run_ids: set[uuid.UUID]) -> set[uuid.UUID]:
+    """Those of `run_ids` still running (their open episodes read "now", others "end")."""
+    if not run_ids:
+        return set()
+    r = models.Run
+    stmt = sa.select(r.id).where(r.id.in_(run_ids), r.status == "running")
+    return set(session.scalars(stmt))
 
 
 def list_alerts(
@@ -158,6 +187,7 @@ __all__ = [
     "list_projects",
     "list_runs",
     "metrics_data",
+    "open_kinds",
     "run_read",
     "run_tasks",
 ]

@@ -88,6 +88,9 @@ class RunRead(ApiModel):
     last_grad_norm_ratio: Metric = None
     flagged: bool = Field(False, description="An imbalance alert is open or was ever opened.")
     open_alerts: int = Field(0, description="Open alerts of every kind.")
+    open_alert_kinds: dict[str, int] = Field(
+        default_factory=dict, description="Open alerts by kind (the flag: imbalance only)."
+    )
 
 
 class RunList(ApiModel):

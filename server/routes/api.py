@@ -136,7 +136,7 @@ def list_runs(
 @reads.get("/api/runs/{run_id}", response_model=schemas.RunRead, tags=["runs"], responses=RUN)
 def get_run(run: RunDep, session: SessionDep) -> schemas.RunRead:
     """One run with its summary (epoch count, last ratio, alerts)."""
-    return queries.run_read(run, ingest.task_names(session, run.id))
+    return queries.get_run(session, run.id)
 
 
 @writes.patch("/api/runs/{run_id}", response_model=schemas.RunRead, tags=["runs"], responses=RUN)
@@ -144,7 +144,7 @@ def update_run(run: RunDep, body: schemas.RunUpdate, session: SessionDep) -> sch
     """Mark a run finished/failed/crashed (or running), or change its ratio threshold; a new
     threshold recomputes the run's alerts."""
     run = ingest.update_run(session, run, body)
-    return queries.run_read(run, ingest.task_names(session, run.id))
+    return queries.get_run(session, run.id)
 
 
 @writes.delete(

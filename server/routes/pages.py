@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 
-from server import charts, queries
+from server import charts, queries, verdict
 from server.config import Settings, get_settings
 from server.db import SessionDep
 from server.errors import InvalidInput, RunNotFound
@@ -70,7 +70,8 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def fmt_peak(alert: AlertRead) -> str:
-    """An alert's peak: a ratio (12.3×) for imbalance, a plain number (cosine, weight) else."""
+    """An alert's worst value: the largest ratio (12.3×) for imbalance, the smallest cosine or
+    weight share for conflict and weight collapse, the value for non-finite."""
     value = alert.peak_value
     if alert.kind == AlertKind.imbalance or value is None or not math.isfinite(value):
         return fmt_ratio(value)
@@ -257,8 +258,12 @@ def run_page(request: Request, session: SessionDep, run_id: str) -> HTMLResponse
         "figures_url": f"/api/runs/{rid}/figures",
     }
     alerts = queries.list_alerts(session, run_id=rid)
+    v = verdict.compute(session, run)
+    levels = {i.level for i in v.items}
+    level = "bad" if "bad" in levels else ("warn" if "warn" in levels else "ok")
     return render_with_payload(
         request, "run.html", "run", payload, run=run, alerts=alerts, live=live,
+        verdict=v if run.epoch_count else None, verdict_level=level,
         downsampled=data["downsampled"], total_epochs=data["total_epochs"],
         shown_epochs=data["shown_epochs"],
         chart_keys=list(data["figures"]),
@@ -323,9 +328,10 @@ def alerts_page(request: Request, session: SessionDep, open: bool = False) -> HT
     every = queries.list_alerts(session, limit=ALERTS_LIMIT)
     opened = queries.list_alerts(session, open_only=True, limit=ALERTS_LIMIT)
     counts = {"all": len(every), "open": len(opened)}
+    running = queries.running_run_ids(session, {a.run_id for a in opened})
     return render(
         request, "alerts.html", "alerts", alerts=opened if open else every, open_only=open,
-        counts=counts,
+        counts=counts, running=running,
     )  # fmt: skip
 
 
