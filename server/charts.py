@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from server.schemas import MetricsRead, RunRead
+from server.schemas import MetricsRead
 
 Figure = dict[str, Any]
 INF = math.inf
@@ -40,16 +40,6 @@ NONFINITE_COLOR = "#6a040f"
 ZERO_LINE_COLOR = "#8a94a6"
 MAX_PAIR_TRACES = 10  # above this many task pairs, the cosine chart shows the minimum only
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
-# Compare page: one colour family per run (a run's tasks are shades of it), none of them a task
-# colour of the run page, none red.
-RUN_FAMILIES = (
-    ("#14213d", "#3a4d7a", "#7081ad"),  # navy
-    ("#0b7a75", "#2fa39d", "#7cc9c4"),  # teal
-    ("#8c5e00", "#b8860b", "#dcb65a"),  # ochre
-    ("#5a189a", "#7b3fc4", "#a88be0"),  # violet
-    ("#4a5a1f", "#6f8a2e", "#a3bc63"),  # olive
-    ("#6b4226", "#946646", "#c09a7c"),  # brown
-)
 
 
 def task_colors(tasks: Sequence[str]) -> dict[str, str]:
@@ -458,37 +448,3 @@ def run_figures(m: MetricsRead, threshold: float) -> dict[str, Figure]:
     figures.update(bc.optional_figures(m, threshold))
     figures.update(loss_ratio=loss_ratio_figure(m), weight=weight_figure(m), loss=loss_figure(m))
     return figures
-
-
-def compare_figures(runs: Sequence[tuple[RunRead, MetricsRead]]) -> dict[str, Figure]:
-    """Runs overlaid: colour = run, dash = task (tasks are matched by name across runs)."""
-    ratio: list[tuple[dict, dict]] = []
-    weight: list[tuple[dict, dict]] = []
-    loss: list[tuple[dict, dict]] = []
-    thresholds = sorted({run.ratio_threshold for run, _ in runs})
-    all_tasks = list(dict.fromkeys(t for _, m in runs for t in m.tasks))
-    for i, (run, m) in enumerate(runs):
-        family = RUN_FAMILIES[i % len(RUN_FAMILIES)]
-        color = family[0]
-        label = run.name
-        ratio.append(_line(m, ["epoch", "grad_norm_ratio"], label, color, legendgroup=str(i)))
-        for t in m.tasks:
-            k = all_tasks.index(t)
-            color = family[k % len(family)]
-            common = {"dash": DASHES[k % len(DASHES)], "legendgroup": str(i)}
-            weight.append(_line(m, ["task", t, "task_weight"], f"{label}: {t}", color, **common))
-            loss.append(_line(m, ["task", t, "loss"], f"{label}: {t}", color, **common))
-    ratio_layout = _layout("Gradient-norm ratio max/min", "ratio", log=True)
-    ratio_layout["shapes"] = [ratio_shapes([], [], th)[0] for th in thresholds]
-    ratio_layout["annotations"] = [threshold_annotation(th) for th in thresholds]
-    legend = dict(LEGEND)
-    return {
-        "ratio": _figure(ratio, ratio_layout),
-        "weight": _figure(
-            weight, _layout("Task weights w<sub>i</sub>", "weight", legend=legend, height=340)
-        ),
-        "loss": _figure(
-            loss,
-            _layout("Per-task loss L<sub>i</sub>", "loss", log=True, legend=legend, height=340),
-        ),
-    }

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 
-from server import charts, queries, verdict
+from server import charts, compare_charts, compare_table, queries, verdict
 from server.config import Settings, get_settings
 from server.db import SessionDep
 from server.errors import InvalidInput, RunNotFound
@@ -90,7 +90,21 @@ def fmt_when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else "–"
 
 
-templates.env.filters.update(ratio=fmt_ratio, ratio_class=ratio_class, when=fmt_when, peak=fmt_peak)
+def fmt_number(value: float | None) -> str:
+    """4 significant digits; NaN/∞ spelled out; an en dash when not measured."""
+    if value is None:
+        return "–"
+    return fmt_ratio(value) if not math.isfinite(value) else f"{value:.4g}"
+
+
+def fmt_percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+templates.env.filters.update(
+    ratio=fmt_ratio, ratio_class=ratio_class, when=fmt_when, peak=fmt_peak, number=fmt_number,
+    percent=fmt_percent,
+)  # fmt: skip
 
 
 def json_bytes_for_script(data: Any) -> bytes:
@@ -302,9 +316,15 @@ def compare_page(
     max_points = settings_of(request).max_points
     context: dict[str, Any] = {"selected": selected, "selected_ids": set(ids)}
     if len(selected) >= 2:
+        table = compare_table.rows(session, selected)
+        context.update(
+            help_rows=table,
+            help_tasks=compare_table.task_columns(table),
+            csv_url="/compare.csv?" + urlencode({"runs": ",".join(str(i) for i in ids)}),
+        )
         cache = metrics_cache(request)
         pairs = [(r, cache.get_metrics(session, r, max_points)) for r in selected]
-        figures = charts.compare_figures(pairs)
+        figures = compare_charts.compare_figures(pairs)
         context.update(
             chart_keys=list(figures),
             downsampled=any(m.downsampled for _, m in pairs),
@@ -318,6 +338,15 @@ def compare_page(
             request, "compare.html", "compare", {"figures": figures}, **context
         )
     return render(request, "compare.html", "compare", **context)
+
+
+@router.get("/compare.csv")
+def compare_csv(session: SessionDep, runs: Annotated[list[str] | None, Query()] = None) -> Response:
+    """The compare page's "did balancing help?" table as CSV (what the page shows)."""
+    selected = [queries.get_run(session, rid) for rid in parse_run_ids(runs or [])]
+    body = compare_table.to_csv(compare_table.rows(session, selected))
+    headers = {"Content-Disposition": 'attachment; filename="gradwatch-compare.csv"'}
+    return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
 
 
 # ---------------------------------------------------------------- alerts

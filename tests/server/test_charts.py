@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from server import charts
+from server import charts, compare_charts
 from server.schemas import MetricsRead, PairSeries, RunRead, RunStatus
 
 NAN = float("nan")
@@ -101,7 +101,13 @@ def test_every_trace_shares_the_epoch_x_values() -> None:
 def test_run_figures_are_the_charts_in_page_order() -> None:
     figs = charts.run_figures(two_task_metrics(), 10.0)
     assert list(figs) == [
-        "grad_norm", "weighted_norm", "ratio", "cosine", "loss_ratio", "weight", "loss"
+        "grad_norm",
+        "weighted_norm",
+        "ratio",
+        "cosine",
+        "loss_ratio",
+        "weight",
+        "loss",
     ]
 
 
@@ -249,7 +255,7 @@ def test_series_sources_point_at_the_columns_they_were_built_from() -> None:
 def test_compare_overlays_one_ratio_trace_per_run() -> None:
     a, b = two_task_metrics(), two_task_metrics()
     b.epoch_metrics["grad_norm_ratio"] = [2.0, 2.0, 2.0, 2.0]
-    figs = charts.compare_figures(
+    figs = compare_charts.compare_figures(
         [(run_read("equal", a.tasks), a), (run_read("gradnorm", b.tasks), b)]
     )
     ratio = figs["ratio"]["data"]
@@ -260,13 +266,19 @@ def test_compare_overlays_one_ratio_trace_per_run() -> None:
 
 def test_compare_weights_colour_by_run_and_dash_by_task() -> None:
     a, b = two_task_metrics(), two_task_metrics()
-    figs = charts.compare_figures([(run_read("equal", a.tasks), a), (run_read("gn", b.tasks), b)])
+    figs = compare_charts.compare_figures(
+        [(run_read("equal", a.tasks), a), (run_read("gn", b.tasks), b)]
+    )
     traces = figs["weight"]["data"]
     assert [t["name"] for t in traces] == ["equal: rul", "equal: health", "gn: rul", "gn: health"]
     assert [t["line"]["dash"] for t in traces] == ["solid", "dash", "solid", "dash"]
     colors = [t["line"]["color"] for t in traces]
-    assert colors[0] in charts.RUN_FAMILIES[0] and colors[1] in charts.RUN_FAMILIES[0]
-    assert colors[2] in charts.RUN_FAMILIES[1] and colors[3] in charts.RUN_FAMILIES[1]
+    assert (
+        colors[0] in compare_charts.RUN_FAMILIES[0] and colors[1] in compare_charts.RUN_FAMILIES[0]
+    )
+    assert (
+        colors[2] in compare_charts.RUN_FAMILIES[1] and colors[3] in compare_charts.RUN_FAMILIES[1]
+    )
     assert not set(colors) & set(charts.TASK_PALETTE)  # never a run page's task colour
 
 
@@ -274,7 +286,7 @@ def test_compare_draws_each_distinct_threshold_once() -> None:
     a = two_task_metrics()
     runs = [(run_read("x", a.tasks, 10.0), a), (run_read("y", a.tasks, 10.0), a),
             (run_read("z", a.tasks, 5.0), a)]  # fmt: skip
-    shapes = charts.compare_figures(runs)["ratio"]["layout"]["shapes"]
+    shapes = compare_charts.compare_figures(runs)["ratio"]["layout"]["shapes"]
     assert sorted(s["y0"] for s in shapes) == [5.0, 10.0]
 
 
