@@ -52,10 +52,12 @@ def worst_pair(m: MetricsRead) -> tuple[str, str] | None:
     """The pair most often below 0 (ties: the lowest mean cosine), or None without cosines."""
     best: tuple[int, float, str, str] | None = None
     for p in m.cosines:
-        vals = [v for v in map(_finite, p.values) if v is not None]
+        # chained comparisons drop None, NaN and +/-Inf at C speed (no call per value)
+        vals = [v for v in p.values if v is not None and -math.inf < v < math.inf]
         if not vals:
             continue
-        key = (-sum(v < 0 for v in vals), sum(vals) / len(vals), p.a, p.b)
+        negative = len(vals) - len(list(filter((0.0).__le__, vals)))
+        key = (-negative, sum(vals) / len(vals), p.a, p.b)
         best = key if best is None or key < best else best
     return (best[2], best[3]) if best else None
 

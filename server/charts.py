@@ -153,13 +153,14 @@ LEGEND = {
     "orientation": "h",
     "x": 0,
     "xanchor": "left",
-    "y": -0.22,
+    "y": -0.34,  # below the tick labels and the "epoch" axis title
     "yanchor": "top",
     "font": {"size": 11},
     "bgcolor": "rgba(0,0,0,0)",
 }
 LEGEND_PER_ROW = 5
 LEGEND_ROW_PX = 20
+LEGEND_BASE_PX = 30  # the first row: charts with a legend are this much taller
 
 
 def _layout(title: str, ytitle: str, *, log: bool = False, **extra: Any) -> dict[str, Any]:
@@ -188,8 +189,9 @@ def _fit_axes(data: list[dict[str, Any]], layout: dict[str, Any]) -> None:
     if xs and isinstance(xs[0], int) and max(xs) - min(xs) <= 12 and "xaxis" in layout:
         layout["xaxis"].update(dtick=1, tick0=0)
     rows = _legend_rows(data)
-    if rows > 1 and layout.get("legend", {}).get("yanchor") == "top":
-        layout["height"] = layout.get("height", 280) + LEGEND_ROW_PX * (rows - 1)
+    if rows and layout.get("legend", {}).get("yanchor") == "top":
+        extra = LEGEND_BASE_PX + LEGEND_ROW_PX * (rows - 1)
+        layout["height"] = layout.get("height", 280) + extra
 
 
 def _figure(traces: list[tuple[dict, dict]], layout: dict[str, Any]) -> Figure:

@@ -62,11 +62,12 @@ def columns(
     """GroupSeries-shaped dicts (floats may be NaN/Inf) from (epoch, groups_json) rows,
     aligned with `epochs`; groups in first-seen order, None where a group was not measured."""
     pos = {ep: i for i, ep in enumerate(epochs)}
-    n, found = len(epochs), {}
+    n, found, cols = len(epochs), {}, {}
     for epoch, text in rows:
         p = pos.get(epoch)
         if p is None or not text:
             continue
+        exact = "NaN" in text or "Infinity" in text  # the API's strings: only then convert
         for name, norms, ratio, cos in orjson.loads(text):
             g = found.get(name)
             if g is None:
@@ -76,9 +77,10 @@ def columns(
                     "grad_norm_ratio": [None] * n,
                     "min_cosine": [None] * n,
                 }
-            for t, v in zip(tasks, norms, strict=False):
-                g["grad_norm"][t][p] = _in(v)
-            g["grad_norm_ratio"][p], g["min_cosine"][p] = _in(ratio), _in(cos)
+                cols[name] = [*g["grad_norm"].values(), g["grad_norm_ratio"], g["min_cosine"]]
+            values = [*norms, ratio, cos]
+            for col, v in zip(cols[name], map(_in, values) if exact else values, strict=False):
+                col[p] = v
     return list(found.values())
 
 
