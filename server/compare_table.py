@@ -1,10 +1,10 @@
 """The compare page's "did balancing help?" table and its CSV: one row per run.
 
-Columns: the run, its balancing method (config `method`, as the trainer records it), each
-task's final loss (the last stored epoch's; the task metrics of the integrations API replace
-these once it lands), the fraction of measured epochs above the run's threshold, the epochs in
-imbalance episodes, and the final gradient-norm ratio. The same rows feed the HTML table and
-the CSV, so the download is exactly what is shown.
+Columns: the run, its balancing method (config `method` as the trainer records it, or
+`balancer`), each task's final loss (the last stored epoch's; the task metrics of the
+integrations API replace these once it lands), the fraction of measured epochs above the run's
+threshold, the epochs in imbalance episodes, and the final gradient-norm ratio. The same rows
+feed the HTML table and the CSV, so the download is exactly what is shown.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from server import models
 from server.schemas import RunRead
+from server.verdict import method_of
 
 
 @dataclass
@@ -66,7 +67,7 @@ def rows(session: Session, runs: list[RunRead]) -> list[HelpRow]:
         out.append(
             HelpRow(
                 run=run,
-                method=str((run.config or {}).get("method", "–")),
+                method=method_of(run),
                 final_losses=_final_losses(session, run),
                 fraction_flagged=fraction,
                 episodes=episodes,

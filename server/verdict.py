@@ -187,8 +187,14 @@ def _headline(n: dict[str, Any]) -> str:
     return "Balanced: no task dominates the shared update."
 
 
+def method_of(run: schemas.RunRead) -> str:
+    """The balancing method a run records in its config (`method`, or `balancer`), or "–"."""
+    config = run.config or {}
+    return str(config.get("method") or config.get("balancer") or "–")
+
+
 def _suggestion(run: schemas.RunRead, n: dict[str, Any], collapsed: list[tuple[str, int]]) -> str:
-    method = str(run.config.get("method", "")) if run.config else ""
+    method = method_of(run)
     alpha = run.config.get("alpha") if run.config else None
     if collapsed and method == "gradnorm":
         lower = f" (now {alpha:g})" if isinstance(alpha, int | float) else ""
@@ -201,7 +207,7 @@ def _suggestion(run: schemas.RunRead, n: dict[str, Any], collapsed: list[tuple[s
     if (n["fraction_above"] or 0) >= MAJOR_FRACTION:
         if n["trend"] == "improving":
             return "The ratio is falling: keep training and watch whether it stays below."
-        if method in ("", "equal"):
+        if method in ("–", "equal"):
             return (
                 "Balance the losses: an inverse-gradient (--method inverse-grad) or GradNorm "
                 "(--method gradnorm) balancer scales the dominant task down."
