@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from client_hook.balancers import Balancer, make_balancer
-from client_hook.trainer.progress import ProgressBar
+from client_hook.trainer.progress import ProgressBar, summary_line
 
 # Per-dataset defaults; the C-MAPSS ones keep the README demo near a minute on 2 CPU cores.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -127,10 +127,6 @@ def weighted_grad_norm_ratio(problem: Any, weights: dict[str, Tensor]) -> float:
         norms.append(norm * weights[task].to(norm.device).abs())
     stacked = torch.stack(norms)
     return float(stacked.max() / stacked.min().clamp_min(1e-30))
-
-
-def _fmt(values: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in values.items())
 
 
 def train(config: TrainConfig, *, out: TextIO | None = None) -> TrainResult:
@@ -248,8 +244,7 @@ def _run_epoch(
 
 
 def _summary_line(summary: EpochSummary, epochs: int) -> str:
-    return (
-        f"epoch {summary.epoch + 1:>3}/{epochs}  loss {_fmt(summary.train_loss)}  "
-        f"w {_fmt(summary.weights)}  {_fmt(summary.metrics)}  "
-        f"grad ratio {summary.grad_norm_ratio:.3g}x  {summary.seconds:.1f}s"
+    s = summary
+    return summary_line(
+        s.epoch, epochs, s.train_loss, s.weights, s.metrics, s.grad_norm_ratio, s.seconds
     )
