@@ -23,19 +23,23 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Plain ADD/DROP COLUMN, never batch mode: on SQLite a batch rebuild drops and recreates the
+# table, and with foreign keys on, dropping `run` or `epoch` would cascade-delete every row
+# that references them (epochs, task rows, alerts, epoch blocks). SQLite >= 3.35 and
+# PostgreSQL both drop a plain column in place.
+COLUMNS = (
+    ("epoch", "groups_json", sa.Text()),
+    ("run", "alert_open_epochs", sa.Integer()),
+    ("run", "alert_close_epochs", sa.Integer()),
+    ("run", "rearm_ratio", sa.Double()),
+)
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("epoch") as batch:
-        batch.add_column(sa.Column("groups_json", sa.Text(), nullable=True))
-    with op.batch_alter_table("run") as batch:
-        batch.add_column(sa.Column("alert_open_epochs", sa.Integer(), nullable=True))
-        batch.add_column(sa.Column("alert_close_epochs", sa.Integer(), nullable=True))
-        batch.add_column(sa.Column("rearm_ratio", sa.Double(), nullable=True))
+    for table, name, type_ in COLUMNS:
+        op.add_column(table, sa.Column(name, type_, nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("run") as batch:
-        batch.drop_column("rearm_ratio")
-        batch.drop_column("alert_close_epochs")
-        batch.drop_column("alert_open_epochs")
-    with op.batch_alter_table("epoch") as batch:
-        batch.drop_column("groups_json")
+    for table, name, _ in reversed(COLUMNS):
+        op.execute(f"ALTER TABLE {table} DROP COLUMN {name}")

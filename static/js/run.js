@@ -157,7 +157,7 @@
     if (!body) return;
     body.replaceChildren(...alerts.map((a) => {
       const open = a.closed_epoch === null;
-      const tr = gw.el("tr", { class: open ? "open" : "closed" });
+      const tr = gw.el("tr", { class: (open ? "open " : "closed ") + a.kind });
       const status = !open ? gw.el("span", { class: "muted" }, "closed")
         : a.kind === "imbalance" ? gw.el("span", { class: "flag flag-open" }, "⚑ open")
         : gw.el("span", { class: "open-badge" }, "open");

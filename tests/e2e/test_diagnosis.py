@@ -148,7 +148,7 @@ def test_alerts_page_newest_first_and_finished_runs_read_end(
     rows = page.locator("#alerts-table tbody tr").all_inner_texts()
     runs = [r for r in rows if "alerts-" in r]
     assert "alerts-later" in runs[0] and any("alerts-first" in r for r in runs[1:])
-    assert any("end (still open)" in r for r in runs if "alerts-first" in r)
+    assert any("end (open)" in r for r in runs if "alerts-first" in r)
     assert any("–now" in r for r in runs if "alerts-later" in r)
     headers = page.locator("#alerts-table thead th").all_inner_texts()
     assert "WORST" in [h.upper() for h in headers] and "PEAK" not in [h.upper() for h in headers]

@@ -54,7 +54,7 @@ def test_alerts_page_open_episode_of_a_finished_run_reads_end_not_now(client: Te
     ingest(client, done["id"], _imbalanced(4))
     client.patch(f"/api/runs/{done['id']}", json={"status": "finished"})
     html = client.get("/alerts").text
-    assert ">0–now<" in html and ">0–end (still open)<" in html
+    assert ">0–now<" in html and ">0–end (open)<" in html
     assert ">Worst<" in html and ">Peak<" not in html
     assert html.index(">done<") < html.index(">live<")  # newest first
 

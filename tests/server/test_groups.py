@@ -104,3 +104,22 @@ def test_metrics_task_filter_applies_to_groups(client: TestClient) -> None:
     ingest(client, run["id"], [with_groups(0, group("enc"))])
     m = client.get(f"/api/runs/{run['id']}/metrics", params={"tasks": "health"}).json()
     assert m["groups"][0]["grad_norm"] == {"health": [1.0]}
+
+
+def test_migration_0005_down_and_up_keeps_every_stored_row(
+    client: TestClient, migrated_url: str
+) -> None:
+    from tests.server.test_epoch_blocks import _alembic
+
+    run = make_run(client, alert_open_epochs=1)
+    spike = [epoch(i, {"rul": 50.0, "health": 1.0}) for i in range(5)]
+    ingest(client, run["id"], [with_groups(i, group("enc")) for i in range(3)] + spike[3:])
+    before = client.get(f"/api/runs/{run['id']}/metrics").json()
+    alerts = client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"]
+    assert alerts
+    _alembic(migrated_url, "downgrade", "0003")  # drops the new columns, nothing else
+    _alembic(migrated_url, "upgrade", "head")
+    after = client.get(f"/api/runs/{run['id']}/metrics").json()
+    assert after["epochs"] == before["epochs"] and after["task_metrics"] == before["task_metrics"]
+    assert after["groups"] == []  # the group numbers went with their column
+    assert client.get(f"/api/runs/{run['id']}/alerts").json()["alerts"] == alerts
