@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/dashboard.py          # 100 runs x 1,000 epochs x 10 tasks + 1 x 100,000
     .venv/bin/python bench/dashboard.py --quick  # 10 runs x 200 epochs + 1 x 10,000 (a smoke run)
+    .venv/bin/python bench/dashboard.py --diagnosis  # one 1,000-epoch, 10-task, 6-group run:
+                                                     # its run page cold (verdict, heatmaps too)
 
 Seeding goes through the server's own ingest code (`server.ingest.ingest_batch`, in-process,
 1,000-epoch batches, no HTTP), so the stored rows and run summaries are exactly what the API
@@ -39,6 +41,21 @@ from server.db import create_db_engine, make_session_factory, run_migrations, wr
 from server.main import create_app
 
 HERE = Path(__file__).resolve().parent
+
+
+GROUPS = ["embed", "conv1", "conv2", "lstm", "dense", "head"]
+
+
+def group_numbers(rng: random.Random, tasks: list[str]) -> list[dict]:
+    """Per-layer numbers of one epoch (the `groups` of an EpochRecord)."""
+    out = []
+    for depth, name in enumerate(GROUPS):
+        norms = {t: (1.0 + depth if i == 0 else 1.0) * (1 + 0.1 * rng.random())
+                 for i, t in enumerate(tasks)}  # fmt: skip
+        ratio = max(norms.values()) / min(norms.values())
+        out.append({"name": name, "grad_norm": norms, "grad_norm_ratio": ratio,
+                    "min_cosine": rng.uniform(-0.3, 0.6)})  # fmt: skip
+    return out
 
 
 def epoch_record(
@@ -126,6 +143,50 @@ def breakdown(url: str, run_id: uuid.UUID, repeat: int) -> dict[str, float]:
     return {"query": statistics.median(q), "charts": statistics.median(c)}
 
 
+def diagnosis(repeat: int, reseed: bool) -> int:
+    """The run page of one 1,000-epoch, 10-task (45 pairs), 6-group run, cold: metrics read,
+    every chart (per-layer heatmaps and the cosine matrix included), the verdict, the page."""
+    db = HERE / ".dashboard-diagnosis.db"
+    url = f"sqlite:///{db}"
+    if reseed or not db.exists():
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        run_migrations(url)
+        factory = make_session_factory(create_db_engine(url))
+        tasks = [f"task{i}" for i in range(10)]
+        pairs = list(itertools.combinations(tasks, 2))
+        rng = random.Random(0)
+        with write_session(factory) as session:
+            body = schemas.RunCreate(name="diagnosis", tasks=tasks)
+            run, _ = ingest.create_or_resume_run(session, body, Settings(database_url=url))
+        recs = [{**epoch_record(rng, e, tasks, pairs), "groups": group_numbers(rng, tasks)}
+                for e in range(1000)]  # fmt: skip
+        with write_session(factory) as session:
+            batch = schemas.EpochBatch.model_validate({"epochs": recs})
+            ingest.ingest_batch(session, ingest.lock_run(session, run.id), batch)
+    run_migrations(url)
+    with TestClient(create_app(Settings(database_url=url))) as client:
+        run_id = client.get("/api/runs").json()["runs"][0]["id"]
+        client.get(f"/runs/{run_id}")  # templates, imports, SQLite page cache
+        times, cpu, r = [], [], None
+        for _ in range(repeat):
+            client.app.state.metrics_cache.clear()  # type: ignore[attr-defined]
+            t0, c0 = time.perf_counter(), time.process_time()
+            r = client.get(f"/runs/{run_id}")
+            times.append((time.perf_counter() - t0) * 1000)
+            cpu.append((time.process_time() - c0) * 1000)
+        assert r is not None and "chart-group_ratio" in r.text and "chart-cosine_matrix" in r.text
+        q = statistics.quantiles(times, n=4)
+        print(f"run page, 1,000 epochs x 10 tasks x 6 groups, cold ({repeat} requests): "
+              f"median {statistics.median(times):.1f} ms, IQR {q[0]:.1f}-{q[2]:.1f} ms, "
+              f"min {min(times):.1f}, max {max(times):.1f}; "
+              f"{len(r.content) / 1024:.0f} KiB")  # fmt: skip
+        qc = statistics.quantiles(cpu, n=4)
+        print(f"  process CPU per request (less sensitive to a busy machine): median "
+              f"{statistics.median(cpu):.1f} ms, IQR {qc[0]:.1f}-{qc[2]:.1f} ms")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="10 runs x 200 epochs + 1 x 10,000")
@@ -133,7 +194,10 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--cold-repeat", type=int, default=3, help="repeats of the uncached renders")
     p.add_argument("--reseed", action="store_true", help="rebuild the database")
+    p.add_argument("--diagnosis", action="store_true", help="the 10-task, 6-group run page only")
     args = p.parse_args()
+    if args.diagnosis:
+        return diagnosis(args.repeat, args.reseed)
     runs, epochs, long_epochs = (10, 200, 10_000) if args.quick else (100, 1000, 100_000)
     db = HERE / f".dashboard-{runs}x{epochs}-{long_epochs}-p{args.pairs}.db"
     url = f"sqlite:///{db}"

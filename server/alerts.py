@@ -5,9 +5,15 @@ where it no longer holds (`closed_epoch` is that epoch); while it stays open not
 created, only its peak is updated. No flood of one alert per epoch.
 
 Rules (a value that is missing, `None`, leaves an episode as it is):
-- imbalance: the epoch's grad_norm_ratio (max_i G_i / min_i G_i, Chen et al. 2018, GradNorm)
-  is above the run's threshold. Peak: the largest ratio. A NaN ratio changes nothing (the
-  non_finite rule covers it).
+- imbalance: the epoch's grad_norm_ratio (max_i |w_i| G_i / min_i |w_i| G_i, Chen et al. 2018,
+  GradNorm) stays above the run's threshold. With hysteresis and a duration, as Prometheus'
+  `for:` clause does for alerting rules: an episode opens once the ratio has been above the
+  threshold for `open_epochs` consecutive measured epochs (`opened_epoch` is the first of
+  them) and closes once it has been below the re-arm level (`rearm_ratio`, under the
+  threshold) for `close_epochs` consecutive epochs (`closed_epoch` is the first of those); a
+  ratio between the two levels keeps an open episode open and restarts the clear count. The
+  defaults (Hysteresis below) were chosen by measurement on the demo runs; every run can
+  override them. Peak: the largest ratio. A NaN ratio changes nothing (non_finite covers it).
 - non_finite (per task): the task's grad_norm is NaN or +/-Inf. Peak: that value.
 - weight_collapse (per task): the task weight is below 1% of the mean of the finite weights
   of the epoch (needs two weights or more). Peak: the smallest weight / mean.
@@ -20,9 +26,8 @@ Rules (a value that is missing, `None`, leaves an episode as it is):
   `closed_epoch` is the first epoch of that clear streak (where the conflict ended), recorded
   once the streak is complete, i.e. CONFLICT_CLEAR_EPOCHS - 1 epochs later.
 
-Imbalance has no hysteresis on purpose: crossing the threshold is the event users watch for.
-Its message shows as many digits as it takes for the ratio to read above the threshold
-(10.03x, not 10x).
+The imbalance message shows as many digits as it takes for the ratio to read above the
+threshold (10.03x, not 10x).
 
 Out-of-order epochs: episodes are a function of the epoch-ordered history, never of arrival
 order. A batch that only appends (every new epoch after the last stored one) is evaluated
@@ -37,6 +42,7 @@ import math
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -47,6 +53,33 @@ from server.models import utcnow
 CONFLICT_EPOCHS = 3
 CONFLICT_CLEAR_EPOCHS = 3
 WEIGHT_COLLAPSE_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class Hysteresis:
+    """The imbalance rule's levels. Defaults measured on the demo runs (docs/alerts.md)."""
+
+    threshold: float = 10.0
+    open_epochs: int = 3
+    close_epochs: int = 3
+    rearm_fraction: float = 0.7
+    rearm: float | None = None  # absolute re-arm ratio; None: rearm_fraction * threshold
+
+    @property
+    def rearm_level(self) -> float:
+        return self.rearm if self.rearm is not None else self.rearm_fraction * self.threshold
+
+
+def run_hysteresis(run: models.Run) -> Hysteresis:
+    """The run's imbalance levels: its threshold and overrides over the defaults."""
+    d = Hysteresis()
+    return Hysteresis(
+        threshold=run.ratio_threshold,
+        open_epochs=run.alert_open_epochs or d.open_epochs,
+        close_epochs=run.alert_close_epochs or d.close_epochs,
+        rearm=run.rearm_ratio,
+    )
+
 
 Key = tuple[str, str | None]
 
@@ -84,6 +117,8 @@ class AlertState:
     closed: list[Episode] = field(default_factory=list)
     streak: list[tuple[int, float]] = field(default_factory=list)  # trailing negative cosines
     clear: list[int] = field(default_factory=list)  # epochs of trailing cosines >= 0, while open
+    above: list[tuple[int, float]] = field(default_factory=list)  # trailing ratios > threshold
+    below: list[int] = field(default_factory=list)  # epochs of trailing ratios < re-arm, open
 
 
 def _is_num(v: float | None) -> bool:
@@ -117,20 +152,34 @@ def _close(state: AlertState, key: Key, epoch: int) -> None:
         state.closed.append(ep)
 
 
-def _imbalance(state: AlertState, e: EpochView, threshold: float) -> None:
+def _imbalance(state: AlertState, e: EpochView, h: Hysteresis) -> None:
     r, key = e.grad_norm_ratio, ("imbalance", None)
     if r is None or math.isnan(r):
         return
     ep = state.open.get(key)
-    if r > threshold:
-        if ep is None:
-            shown, limit = _above(r, threshold), _num(threshold)
-            msg = f"gradient-norm ratio {shown}x above the threshold {limit}x"
-            _open(state, Episode("imbalance", None, e.epoch, r, msg))
-        elif ep.peak_value is None or r > ep.peak_value:
+    if ep is not None:
+        if r < h.rearm_level:
+            state.below.append(e.epoch)
+            if len(state.below) >= h.close_epochs:
+                _close(state, key, state.below[0])
+                state.below.clear()
+            return
+        state.below.clear()  # between the levels or above: stays open, clear count restarts
+        if ep.peak_value is None or r > ep.peak_value:
             ep.peak_value = r
-    elif ep is not None:
-        _close(state, key, e.epoch)
+        return
+    if r <= h.threshold:
+        state.above.clear()
+        return
+    state.above.append((e.epoch, r))
+    if len(state.above) >= h.open_epochs:
+        first, peak = state.above[0][0], max(v for _, v in state.above)
+        shown, limit = _above(min(v for _, v in state.above), h.threshold), _num(h.threshold)
+        n = len(state.above)
+        msg = f"gradient-norm ratio {shown}x above the threshold {limit}x"
+        msg += f" for {n} epochs" if n > 1 else ""
+        _open(state, Episode("imbalance", None, first, peak, msg))
+        state.above.clear()
 
 
 def _non_finite(state: AlertState, e: EpochView) -> None:
@@ -193,10 +242,10 @@ def _conflict(state: AlertState, e: EpochView) -> None:
                 state.clear.clear()
 
 
-def evaluate(epochs: Iterable[EpochView], state: AlertState, threshold: float) -> AlertState:
+def evaluate(epochs: Iterable[EpochView], state: AlertState, h: Hysteresis) -> AlertState:
     """Run every rule over `epochs` (ascending), updating `state` in place."""
     for e in epochs:
-        _imbalance(state, e, threshold)
+        _imbalance(state, e, h)
         _non_finite(state, e)
         _weight_collapse(state, e)
         _conflict(state, e)
@@ -212,8 +261,8 @@ def _episode(row: models.Alert) -> Episode:
     )
 
 
-def _load_state(session: Session, run_id: uuid.UUID, before: int) -> AlertState:
-    """Open episodes and the trailing conflict streak, as stored before epoch `before`."""
+def _load_state(session: Session, run_id: uuid.UUID, before: int, h: Hysteresis) -> AlertState:
+    """Open episodes and the trailing streaks, as stored before epoch `before`."""
     rows = session.scalars(
         sa.select(models.Alert).where(
             models.Alert.run_id == run_id, models.Alert.closed_epoch.is_(None)
@@ -224,25 +273,36 @@ def _load_state(session: Session, run_id: uuid.UUID, before: int) -> AlertState:
     # While a conflict is open, the trailing cosines >= 0 (the clear streak); otherwise the
     # trailing negative ones (the streak that may open one). NaN cosines are skipped, as in
     # `_conflict`, so the walk goes back page by page until a cosine of the other sign.
-    for epoch, c in _trailing_cosines(session, run_id, before):
+    for epoch, c in _trailing(session, run_id, before, models.Epoch.min_cosine):
         if (c < 0) == conflict_open:
             break
         if conflict_open:
             state.clear.insert(0, epoch)
         else:
             state.streak.insert(0, (epoch, c))
+    # Likewise for the ratio: while an imbalance is open, the trailing ratios under the re-arm
+    # level; otherwise the trailing ones above the threshold.
+    imbalance_open = ("imbalance", None) in state.open
+    for epoch, r in _trailing(session, run_id, before, models.Epoch.grad_norm_ratio):
+        if imbalance_open and r < h.rearm_level:
+            state.below.insert(0, epoch)
+        elif not imbalance_open and r > h.threshold:
+            state.above.insert(0, (epoch, r))
+        else:
+            break
     return state
 
 
-def _trailing_cosines(
-    session: Session, run_id: uuid.UUID, before: int, page: int = 64
+def _trailing(
+    session: Session, run_id: uuid.UUID, before: int, column: Any, page: int = 64
 ) -> Iterator[tuple[int, float]]:
-    """(epoch, min_cosine) of the stored epochs before `before`, newest first, NaN left out."""
+    """(epoch, value of `column`) of the stored epochs before `before`, newest first, NULL and
+    NaN left out."""
     e = models.Epoch
     while True:
         rows = session.execute(
-            sa.select(e.epoch, e.min_cosine)
-            .where(e.run_id == run_id, e.epoch < before, e.min_cosine.is_not(None))
+            sa.select(e.epoch, column)
+            .where(e.run_id == run_id, e.epoch < before, column.is_not(None))
             .order_by(e.epoch.desc())
             .limit(page)
         ).all()
@@ -315,13 +375,14 @@ def _write(session: Session, run_id: uuid.UUID, episodes: list[Episode]) -> tupl
 
 def apply_new_epochs(session: Session, run: models.Run, views: list[EpochView]) -> tuple[int, int]:
     """Evaluate epochs appended after the last stored one (`views` ascending)."""
-    state = evaluate(views, _load_state(session, run.id, views[0].epoch), run.ratio_threshold)
+    h = run_hysteresis(run)
+    state = evaluate(views, _load_state(session, run.id, views[0].epoch, h), h)
     return _write(session, run.id, [*state.closed, *state.open.values()])
 
 
 def recompute(session: Session, run: models.Run) -> tuple[int, int]:
     """Recompute every episode of a run from its history (out-of-order epochs, new threshold)."""
-    state = evaluate(history(session, run.id), AlertState(), run.ratio_threshold)
+    state = evaluate(history(session, run.id), AlertState(), run_hysteresis(run))
     stored = {
         (r.kind, r.task, r.opened_epoch): r
         for r in session.scalars(sa.select(models.Alert).where(models.Alert.run_id == run.id))
@@ -337,11 +398,12 @@ def recompute(session: Session, run: models.Run) -> tuple[int, int]:
 
 
 def refresh_run_flags(session: Session, run: models.Run) -> None:
-    """Keep run.open_alert_count and run.flagged (any alert ever opened) in step."""
+    """Keep run.open_alert_count (every kind) and run.flagged (an IMBALANCE alert was ever
+    opened: the red flag means imbalance only) in step."""
     a = models.Alert
     counts = session.execute(
         sa.select(
-            sa.func.count(),
+            sa.func.count().filter(a.kind == "imbalance"),
             sa.func.count().filter(a.closed_epoch.is_(None)),
         ).where(a.run_id == run.id)
     ).one()

@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from server.schemas import MetricsRead, RunRead
+from server.schemas import MetricsRead
 
 Figure = dict[str, Any]
 INF = math.inf
@@ -146,23 +146,31 @@ def _fmt_nonfinite(v: float | None) -> str:
     return "Infinity" if v > 0 else "-Infinity"
 
 
+# Legend under the plot, left-aligned: never over the title (10 tasks wrap onto several rows)
+# nor under Plotly's toolbar (top right); every chart keeps the same plot width, so the shared
+# epoch axes line up vertically. `_figure` adds height for each extra legend row.
+LEGEND = {
+    "orientation": "h",
+    "x": 0,
+    "xanchor": "left",
+    "y": -0.34,  # below the tick labels and the "epoch" axis title
+    "yanchor": "top",
+    "font": {"size": 11},
+    "bgcolor": "rgba(0,0,0,0)",
+}
+LEGEND_PER_ROW = 5
+LEGEND_ROW_PX = 20
+LEGEND_BASE_PX = 30  # the first row: charts with a legend are this much taller
+
+
 def _layout(title: str, ytitle: str, *, log: bool = False, **extra: Any) -> dict[str, Any]:
     return {
         "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 14}},
-        "xaxis": {"title": {"text": "epoch"}, "zeroline": False},
+        # Integer epochs only: "d" never prints 0.5; short runs get a tick per epoch (_figure).
+        "xaxis": {"title": {"text": "epoch"}, "zeroline": False, "tickformat": "d"},
         "yaxis": {"title": {"text": ytitle}, "type": "log" if log else "linear"},
         "yaxis3": {"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True},
-        # Legend above the plot, right-aligned: every chart keeps the same plot width, so the
-        # shared epoch axes line up vertically.
-        "legend": {
-            "orientation": "h",
-            "x": 1,
-            "xanchor": "right",
-            "y": 1.02,
-            "yanchor": "bottom",
-            "font": {"size": 11},
-            "bgcolor": "rgba(255,255,255,0)",
-        },
+        "legend": dict(LEGEND),
         "margin": {"l": 70, "r": 70, "t": 40, "b": 40},
         "hovermode": "x unified",
         "height": 280,
@@ -170,8 +178,25 @@ def _layout(title: str, ytitle: str, *, log: bool = False, **extra: Any) -> dict
     }
 
 
+def _legend_rows(data: list[dict[str, Any]]) -> int:
+    shown = sum(1 for t in data if t.get("showlegend", True) and t.get("name"))
+    return -(-shown // LEGEND_PER_ROW)
+
+
+def _fit_axes(data: list[dict[str, Any]], layout: dict[str, Any]) -> None:
+    """A tick per epoch for short runs; room for the legend's extra rows."""
+    xs = [x for t in data for x in (t.get("x") or [])[:1] + (t.get("x") or [])[-1:]]
+    if xs and isinstance(xs[0], int) and max(xs) - min(xs) <= 12 and "xaxis" in layout:
+        layout["xaxis"].update(dtick=1, tick0=0)
+    rows = _legend_rows(data)
+    if rows and layout.get("legend", {}).get("yanchor") == "top":
+        extra = LEGEND_BASE_PX + LEGEND_ROW_PX * (rows - 1)
+        layout["height"] = layout.get("height", 280) + extra
+
+
 def _figure(traces: list[tuple[dict, dict]], layout: dict[str, Any]) -> Figure:
     data = [t for t, _ in traces]
+    _fit_axes(data, layout)
     for axis, ref in (("yaxis", "y"), ("yaxis2", "y2")):
         if layout.get(axis, {}).get("type") == "log":
             values: list[float] = []  # each trace's smallest and largest positive value
@@ -302,8 +327,14 @@ def cosine_figure(m: MetricsRead) -> Figure:
         for i, p in enumerate(pairs):
             color = TASK_PALETTE[i % len(TASK_PALETTE)]
             traces.append(_line(m, ["pair", p.a, p.b], f"{p.a} · {p.b}", color))
+    if len(pairs) > MAX_PAIR_TRACES:  # too many lines: the pair that conflicts most, named
+        from server.balance_charts import worst_pair_trace
+
+        worst = worst_pair_trace(m)
+        traces += [worst] if worst else []
     if len(pairs) != 1:  # with one pair the minimum is that pair
-        traces.append(_line(m, ["epoch", "min_cosine"], "min cosine", "#1d2b4f", dash="dot"))
+        name = "min over all pairs"
+        traces.append(_line(m, ["epoch", "min_cosine"], name, "#1d2b4f", dash="dot"))
     paths = [s["path"] for _, s in traces]
     traces.append(_nonfinite_markers(m, paths, [t["name"] for t, _ in traces]))
     layout = _layout("Cosine similarity of task gradients (< 0: conflict)", "cosine")
@@ -408,44 +439,14 @@ def _hline(y: float) -> dict[str, Any]:
 
 
 def run_figures(m: MetricsRead, threshold: float) -> dict[str, Figure]:
-    """The run page's six charts, in page order, keyed by a stable id."""
-    return {
-        "grad_norm": grad_norm_figure(m),
-        "ratio": ratio_figure(m, threshold),
-        "cosine": cosine_figure(m),
-        "loss_ratio": loss_ratio_figure(m),
-        "weight": weight_figure(m),
-        "loss": loss_figure(m),
-    }
+    """The run page's charts, in page order, keyed by a stable id (#chart-<id>); the balance
+    charts (weighted norms, cosine matrix, per-layer heatmaps) come from server.balance_charts
+    and only where the run has their data."""
+    from server import balance_charts as bc
 
-
-def compare_figures(runs: Sequence[tuple[RunRead, MetricsRead]]) -> dict[str, Figure]:
-    """Runs overlaid: colour = run, dash = task (tasks are matched by name across runs)."""
-    ratio: list[tuple[dict, dict]] = []
-    weight: list[tuple[dict, dict]] = []
-    loss: list[tuple[dict, dict]] = []
-    thresholds = sorted({run.ratio_threshold for run, _ in runs})
-    all_tasks = list(dict.fromkeys(t for _, m in runs for t in m.tasks))
-    for i, (run, m) in enumerate(runs):
-        color = TASK_PALETTE[i % len(TASK_PALETTE)]
-        label = run.name
-        ratio.append(_line(m, ["epoch", "grad_norm_ratio"], label, color, legendgroup=str(i)))
-        for t in m.tasks:
-            dash = DASHES[all_tasks.index(t) % len(DASHES)]
-            common = {"dash": dash, "legendgroup": str(i)}
-            weight.append(_line(m, ["task", t, "task_weight"], f"{label}: {t}", color, **common))
-            loss.append(_line(m, ["task", t, "loss"], f"{label}: {t}", color, **common))
-    ratio_layout = _layout("Gradient-norm ratio max/min", "ratio", log=True)
-    ratio_layout["shapes"] = [ratio_shapes([], [], th)[0] for th in thresholds]
-    ratio_layout["annotations"] = [threshold_annotation(th) for th in thresholds]
-    legend = {"orientation": "h", "x": 0, "y": -0.22, "font": {"size": 11}}
-    return {
-        "ratio": _figure(ratio, ratio_layout),
-        "weight": _figure(
-            weight, _layout("Task weights w<sub>i</sub>", "weight", legend=legend, height=340)
-        ),
-        "loss": _figure(
-            loss,
-            _layout("Per-task loss L<sub>i</sub>", "loss", log=True, legend=legend, height=340),
-        ),
-    }
+    figures = {"grad_norm": grad_norm_figure(m), "weighted_norm": bc.weighted_norm_figure(m)}
+    figures["ratio"] = ratio_figure(m, threshold)
+    figures["cosine"] = cosine_figure(m)
+    figures.update(bc.optional_figures(m, threshold))
+    figures.update(loss_ratio=loss_ratio_figure(m), weight=weight_figure(m), loss=loss_figure(m))
+    return figures

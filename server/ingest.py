@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from client_hook import gradstats
-from server import alerts, epoch_blocks, models, notify, schemas
+from server import alerts, epoch_blocks, groups, models, notify, schemas
 from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
 from server.models import utcnow
@@ -58,9 +58,15 @@ def _clean_json(value: Any) -> Any:
     return value
 
 
+def _check_rearm(threshold: float, rearm: float | None) -> None:
+    if rearm is not None and rearm > threshold:
+        raise InvalidInput("rearm_ratio", f"must be at most the ratio threshold {threshold}")
+
+
 def _check_run_create(body: schemas.RunCreate, settings: Settings) -> None:
     check_text("name", body.name)
     check_text("project", body.project)
+    _check_rearm(body.ratio_threshold or settings.ratio_threshold, body.rearm_ratio)
     if len(body.tasks) > settings.max_tasks:
         raise InvalidInput("tasks", f"at most {settings.max_tasks} tasks per run")
     seen: set[str] = set()
@@ -104,6 +110,9 @@ def create_or_resume_run(
         status="running",
         config=_clean_json(body.config),
         ratio_threshold=body.ratio_threshold or settings.ratio_threshold,
+        alert_open_epochs=body.alert_open_epochs,
+        alert_close_epochs=body.alert_close_epochs,
+        rearm_ratio=body.rearm_ratio,
         created_at=now,
         updated_at=now,
         finished_at=None,
@@ -135,8 +144,12 @@ def update_run(session: Session, run: models.Run, body: schemas.RunUpdate) -> mo
     if body.status is not None:
         run.status = body.status.value
         run.finished_at = None if body.status == schemas.RunStatus.running else now
-    if body.ratio_threshold is not None and body.ratio_threshold != run.ratio_threshold:
-        run.ratio_threshold = body.ratio_threshold
+    before = alerts.run_hysteresis(run)
+    for name in ("ratio_threshold", "alert_open_epochs", "alert_close_epochs", "rearm_ratio"):
+        if getattr(body, name) is not None:
+            setattr(run, name, getattr(body, name))
+    _check_rearm(run.ratio_threshold, run.rearm_ratio)
+    if alerts.run_hysteresis(run) != before:
         alerts.recompute(session, run)
         alerts.refresh_run_flags(session, run)
     run.updated_at = now
@@ -154,7 +167,9 @@ def delete_run(session: Session, run: models.Run) -> None:
 # ---------------------------------------------------------------- epochs
 
 
-EPOCH_COLUMNS = ("run_id", "epoch", *models.EPOCH_FIELDS, "has_non_finite", "digest")
+EPOCH_COLUMNS = (
+    "run_id", "epoch", *models.EPOCH_FIELDS, "has_non_finite", "digest", "groups_json"
+)  # fmt: skip
 TASK_COLUMNS = ("run_id", "task_id", "epoch", *models.TASK_FIELDS)
 COSINE_COLUMNS = ("run_id", "task_a_id", "task_b_id", "epoch", "value")
 
@@ -259,7 +274,13 @@ def _prepare(
     for pa, pb, packed in sorted(parts, key=lambda p: (p[0], p[1])):
         digest.update(struct.pack("<ii", pa, pb) + packed)
     non_finite = non_finite or bad
-    rows = [(run_key, rec.epoch, *epoch_values, non_finite, digest.hexdigest())]
+    group_text = None
+    if rec.groups is not None:  # absent from the digest when absent: older digests stay valid
+        names = sorted(tasks, key=lambda n: tasks[n][1])
+        group_text, bad = groups.canonical(where, rec.groups, names)
+        digest.update(b"groups" + group_text.encode())
+        non_finite = non_finite or bad
+    rows = [(run_key, rec.epoch, *epoch_values, non_finite, digest.hexdigest(), group_text)]
     if non_finite and sqlite:
         rows, task_rows, cosine_rows = map(_sqlite_nan, (rows, task_rows, cosine_rows))
     view = alerts.EpochView(rec.epoch, ratio, min_cos, norms, weights)

@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from server import epoch_blocks, models, schemas
+from server import epoch_blocks, groups, models, schemas
 from server.errors import InvalidInput, RunNotFound
 
 
@@ -39,6 +39,8 @@ class MetricsData:
     downsampled: bool
     total_epochs: int
     non_finite_rows: list[int] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    """Per-parameter-group columns (server.groups.columns), aligned with `epochs`."""
     """Positions in `epochs` whose values may be NaN/Inf (the only ones that need care)."""
 
 
@@ -278,6 +280,7 @@ def _metrics_data(
     ).all()
     if not task_rows:
         raise RunNotFound({"run_id": str(run_id)})
+    all_names = [name for _, name in task_rows]
     if tasks:
         known = {name for _, name in task_rows}
         for name in tasks:
@@ -340,7 +343,9 @@ def _metrics_data(
             if a_id in names and b_id in names:
                 cosines.append((names[a_id], names[b_id], vals))
                 all_cols.append(vals)
+        group_cols = _group_columns(scope, at, epochs, all_names, set(names.values()))
     else:
+        group_cols = []
         for _, name in task_rows:
             task_metrics[name] = {f: [] for f in models.TASK_FIELDS}
     if non_finite:
@@ -356,7 +361,23 @@ def _metrics_data(
         downsampled=downsampled,
         total_epochs=total,
         non_finite_rows=non_finite,
+        groups=group_cols,
     )
+
+
+def _group_columns(
+    scope: _Scope, at: str, epochs: list[int], all_tasks: list[str], wanted: set[str]
+) -> list[dict[str, Any]]:
+    """The per-group columns at the epochs `at` selects (the same epochs as every other
+    column: downsampling keeps the group numbers of the epochs it keeps)."""
+    rows = scope.fetch(
+        f"SELECT epoch, groups_json FROM epoch WHERE {scope.where} AND {at} "
+        "AND groups_json IS NOT NULL"
+    )
+    found = groups.columns(rows, epochs, all_tasks)
+    for g in found:
+        g["grad_norm"] = {t: v for t, v in g["grad_norm"].items() if t in wanted}
+    return found
 
 
 def get_metrics(
@@ -394,6 +415,7 @@ def get_metrics(
         epoch_metrics=d.epoch_metrics,
         task_metrics=d.task_metrics,
         cosines=[schemas.PairSeries.model_construct(a=a, b=b, values=v) for a, b, v in d.cosines],
+        groups=[schemas.GroupSeries.model_construct(**g) for g in d.groups],
         cursor=d.cursor,
         downsampled=d.downsampled,
         total_epochs=d.total_epochs,

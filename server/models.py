@@ -100,6 +100,10 @@ class Run(Base):
     last_grad_norm_ratio: Mapped[float | None] = mapped_column(FloatNaN)
     flagged: Mapped[bool] = mapped_column(sa.Boolean, default=False, index=True)
     open_alert_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # Imbalance-alert hysteresis overrides (server.alerts); None: the server defaults.
+    alert_open_epochs: Mapped[int | None] = mapped_column(sa.Integer)
+    alert_close_epochs: Mapped[int | None] = mapped_column(sa.Integer)
+    rearm_ratio: Mapped[float | None] = mapped_column(sa.Double)
 
 
 class RunTask(Base):
@@ -151,6 +155,8 @@ class Epoch(Base):
     """True when any value of the epoch (or of its task/cosine rows) is NaN or +/-Inf."""
     digest: Mapped[str] = mapped_column(sa.String(32))
     """Hash of the stored record: identical re-send = duplicate, different one = conflict."""
+    groups_json: Mapped[str | None] = mapped_column(sa.Text)
+    """Per-parameter-group numbers as canonical JSON text (server.groups); NULL: none sent."""
 
 
 class TaskEpoch(Base):

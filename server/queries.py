@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from server import models, schemas
+from server.alerts import run_hysteresis
 from server.errors import InvalidInput, RunNotFound
 from server.metrics import MetricsData, get_metrics, metrics_data
 
@@ -38,7 +39,24 @@ def run_tasks(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
     return {rid: [r[1] for r in grp] for rid, grp in groupby(rows, key=lambda r: r[0])}
 
 
-def run_read(run: models.Run, tasks: list[str]) -> schemas.RunRead:
+def open_kinds(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
+    """Open alert episodes per run and kind (one grouped read)."""
+    a = models.Alert
+    rows = session.execute(
+        sa.select(a.run_id, a.kind, sa.func.count())
+        .where(a.run_id.in_(run_ids), a.closed_epoch.is_(None))
+        .group_by(a.run_id, a.kind)
+    )
+    out: dict[uuid.UUID, dict[str, int]] = {}
+    for rid, kind, n in rows:
+        out.setdefault(rid, {})[kind] = n
+    return out
+
+
+def run_read(
+    run: models.Run, tasks: list[str], kinds: dict[str, int] | None = None
+) -> schemas.RunRead:
+    h = run_hysteresis(run)
     return schemas.RunRead(
         id=run.id,
         name=run.name,
@@ -47,6 +65,9 @@ def run_read(run: models.Run, tasks: list[str]) -> schemas.RunRead:
         tasks=tasks,
         config=run.config or {},
         ratio_threshold=run.ratio_threshold,
+        alert_open_epochs=h.open_epochs,
+        alert_close_epochs=h.close_epochs,
+        rearm_ratio=h.rearm_level,
         created_at=run.created_at,
         updated_at=run.updated_at,
         finished_at=run.finished_at,
@@ -55,6 +76,7 @@ def run_read(run: models.Run, tasks: list[str]) -> schemas.RunRead:
         last_grad_norm_ratio=run.last_grad_norm_ratio,
         flagged=bool(run.flagged),
         open_alerts=run.open_alert_count or 0,
+        open_alert_kinds=kinds or {},
     )
 
 
@@ -63,7 +85,8 @@ def get_run(session: Session, run_id: uuid.UUID) -> schemas.RunRead:
     run = session.get(models.Run, run_id)
     if run is None:
         raise RunNotFound({"run_id": str(run_id)})
-    return run_read(run, run_tasks(session, [run.id]).get(run.id, []))
+    kinds = open_kinds(session, [run.id]) if run.open_alert_count else {}
+    return run_read(run, run_tasks(session, [run.id]).get(run.id, []), kinds.get(run.id))
 
 
 def list_runs(
@@ -94,8 +117,10 @@ def list_runs(
         sa.select(models.Run).where(*where).order_by(*order).limit(limit).offset(offset)
     ).all()
     tasks = run_tasks(session, [r.id for r in runs]) if runs else {}
+    alerting = [r.id for r in runs if r.open_alert_count]
+    kinds = open_kinds(session, alerting) if alerting else {}
     return schemas.RunList(
-        runs=[run_read(r, tasks.get(r.id, [])) for r in runs],
+        runs=[run_read(r, tasks.get(r.id, []), kinds.get(r.id)) for r in runs],
         total=total,
         limit=limit,
         offset=offset,
@@ -122,6 +147,15 @@ def metrics_stamp(session: Session, run_id: uuid.UUID) -> tuple[object, int]:
 # ---------------------------------------------------------------- alerts
 
 
+def running_run_ids(session: Session, run_ids: set[uuid.UUID]) -> set[uuid.UUID]:
+    """Those of `run_ids` still running (their open episodes read "now", others "end")."""
+    if not run_ids:
+        return set()
+    r = models.Run
+    stmt = sa.select(r.id).where(r.id.in_(run_ids), r.status == "running")
+    return set(session.scalars(stmt))
+
+
 def list_alerts(
     session: Session,
     *,
@@ -136,7 +170,8 @@ def list_alerts(
         stmt = stmt.where(a.run_id == run_id)
     if open_only:
         stmt = stmt.where(a.closed_epoch.is_(None))
-    stmt = stmt.order_by(a.opened_epoch.desc(), a.id.desc()).limit(limit)
+    # Newest first: by when an episode opened (across runs epochs are not comparable).
+    stmt = stmt.order_by(a.opened_at.desc(), a.id.desc()).limit(limit)
     return [
         schemas.AlertRead(
             id=al.id,
@@ -164,6 +199,7 @@ __all__ = [
     "list_runs",
     "metrics_data",
     "metrics_stamp",
+    "open_kinds",
     "run_read",
     "run_tasks",
 ]

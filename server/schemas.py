@@ -42,6 +42,15 @@ class RunCreate(ApiModel):
     ratio_threshold: float | None = Field(
         default=None, gt=1.0, description="Overrides the server default (10)."
     )
+    alert_open_epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="Imbalance opens after this many epochs above."
+    )
+    alert_close_epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="...closes after this many below re-arm."
+    )
+    rearm_ratio: float | None = Field(
+        default=None, gt=0, description="Re-arm level (<= threshold; default 0.7 x threshold)."
+    )
 
 
 class RunUpdate(ApiModel):
@@ -49,6 +58,15 @@ class RunUpdate(ApiModel):
 
     status: RunStatus | None = None
     ratio_threshold: float | None = Field(default=None, gt=1.0)
+    alert_open_epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="Imbalance opens after this many epochs above."
+    )
+    alert_close_epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="...closes after this many below re-arm."
+    )
+    rearm_ratio: float | None = Field(
+        default=None, gt=0, description="Re-arm level (<= threshold; default 0.7 x threshold)."
+    )
 
 
 class RunRead(ApiModel):
@@ -59,6 +77,9 @@ class RunRead(ApiModel):
     tasks: list[str]
     config: dict[str, Any]
     ratio_threshold: float
+    alert_open_epochs: int = 1
+    alert_close_epochs: int = 1
+    rearm_ratio: float | None = None
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
@@ -66,7 +87,10 @@ class RunRead(ApiModel):
     last_epoch: int | None = None
     last_grad_norm_ratio: Metric = None
     flagged: bool = Field(False, description="An imbalance alert is open or was ever opened.")
-    open_alerts: int = 0
+    open_alerts: int = Field(0, description="Open alerts of every kind.")
+    open_alert_kinds: dict[str, int] = Field(
+        default_factory=dict, description="Open alerts by kind (the flag: imbalance only)."
+    )
 
 
 class RunList(ApiModel):
@@ -99,13 +123,19 @@ class PairCosine(ApiModel):
     value: Metric
 
 
+MAX_GROUPS = 64
+
+
 class GroupEpoch(ApiModel):
-    """One parameter group's numbers for one epoch (a part of the shared trunk, e.g. a layer)."""
+    """One parameter group's (a layer's) numbers for one epoch: where in the network a task
+    dominates or the tasks conflict."""
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    grad_norm: dict[TaskName, Metric] = Field(description="Per task, ||grad_group L_i||_2.")
-    grad_norm_ratio: Metric = Field(None, description="max/min of the group's weighted norms.")
-    min_cosine: Metric = Field(None, description="The group's most conflicting pair.")
+    grad_norm: dict[TaskName, Metric] = Field(
+        description="Every task of the run: ||grad_Wg L_i||_2 over the group's parameters Wg."
+    )
+    grad_norm_ratio: Metric = Field(None, description="max_i / min_i of |w_i| grad_norm_i.")
+    min_cosine: Metric = Field(None, description="Smallest pairwise cosine within the group.")
 
 
 class EpochRecord(ApiModel):
@@ -127,7 +157,9 @@ class EpochRecord(ApiModel):
     wall_time: Metric = Field(None, description="Seconds the epoch took.")
     step_count: int | None = Field(None, ge=0)
     groups: list[GroupEpoch] | None = Field(
-        None, max_length=64, description="Per parameter group (layer) of the shared trunk."
+        None,
+        max_length=MAX_GROUPS,
+        description=f"Per-parameter-group numbers (unique names, at most {MAX_GROUPS}).",
     )
 
 
@@ -181,6 +213,15 @@ class PairSeries(ApiModel):
     values: list[Metric]
 
 
+class GroupSeries(ApiModel):
+    """One parameter group's columns, aligned with `MetricsRead.epochs` (None: not measured)."""
+
+    name: str
+    grad_norm: dict[str, list[Metric]]
+    grad_norm_ratio: list[Metric]
+    min_cosine: list[Metric]
+
+
 class MetricsRead(ApiModel):
     """Columnar metrics: every list is aligned with `epochs` (ascending)."""
 
@@ -195,11 +236,31 @@ class MetricsRead(ApiModel):
         description="task name -> TaskEpoch field -> values"
     )
     cosines: list[PairSeries]
+    groups: list[GroupSeries] = Field(
+        default_factory=list, description="Per-parameter-group columns, in first-seen order."
+    )
     cursor: int = Field(
         description="Pass as `since` to receive only epochs stored after this read."
     )
     downsampled: bool = False
     total_epochs: int = Field(description="Epochs matching the filter before downsampling.")
+
+
+class VerdictItem(ApiModel):
+    key: str = Field(description="dominance, imbalance, conflict or weight_collapse")
+    level: str = Field(description="ok, warn or bad")
+    chart: str = Field(description="Id of the run-page chart it summarises (#chart-<id>).")
+    text: str
+
+
+class Verdict(ApiModel):
+    """GET /api/runs/{id}/verdict: computed from every stored epoch (server.verdict)."""
+
+    run_id: uuid.UUID
+    headline: str
+    items: list[VerdictItem]
+    suggestion: str = ""
+    numbers: dict[str, Any] = Field(description="The numbers the sentences are made of.")
 
 
 class ErrorBody(ApiModel):

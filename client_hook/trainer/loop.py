@@ -16,7 +16,7 @@ from torch import Tensor
 
 from client_hook import gradstats
 from client_hook.balancers import Balancer, accepted_options, make_balancer
-from client_hook.trainer.progress import ProgressBar
+from client_hook.trainer.progress import ProgressBar, summary_line
 
 # Per-dataset defaults; the C-MAPSS ones keep the README demo near a minute on 2 CPU cores.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -128,14 +128,6 @@ def weighted_grad_norm_ratio(problem: Any, weights: dict[str, Tensor]) -> float 
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads))))
         norms.append(norm * weights[task].to(norm.device).abs())
     return gradstats.grad_norm_ratio(torch.stack(norms).tolist())
-
-
-def _ratio_text(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio:.3g}x"
-
-
-def _fmt(values: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in values.items())
 
 
 def train(config: TrainConfig, *, out: TextIO | None = None, problem: Any = None) -> TrainResult:
@@ -270,8 +262,7 @@ def _run_epoch(
 
 
 def _summary_line(summary: EpochSummary, epochs: int) -> str:
-    return (
-        f"epoch {summary.epoch:>3}/{epochs - 1}  loss {_fmt(summary.train_loss)}  "
-        f"w {_fmt(summary.weights)}  {_fmt(summary.metrics)}  "
-        f"grad ratio {_ratio_text(summary.grad_norm_ratio)}  {summary.seconds:.1f}s"
+    s = summary
+    return summary_line(
+        s.epoch, epochs, s.train_loss, s.weights, s.metrics, s.grad_norm_ratio, s.seconds
     )

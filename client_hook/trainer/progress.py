@@ -1,9 +1,11 @@
-"""A dependency-free progress bar on stderr, silent when stderr is not a terminal."""
+"""The trainer's terminal output: a dependency-free progress bar on stderr (silent when stderr is
+not a terminal) and the per-epoch summary line."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import TextIO
 
 
@@ -34,3 +36,25 @@ class ProgressBar:
         if self.enabled:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+def _fmt(values: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in values.items())
+
+
+def summary_line(
+    epoch: int,
+    epochs: int,
+    losses: Mapping[str, float],
+    weights: Mapping[str, float],
+    metrics: Mapping[str, float],
+    grad_norm_ratio: float | None,
+    seconds: float,
+) -> str:
+    """One epoch's terminal line. Epochs are numbered as the dashboard numbers them (from 0, the
+    epoch index the monitor reports), with the 1-based count beside: `epoch   0 (1/150)`."""
+    ratio = "-" if grad_norm_ratio is None else f"{grad_norm_ratio:.3g}x"
+    return (
+        f"epoch {epoch:>3} ({epoch + 1}/{epochs})  loss {_fmt(losses)}  w {_fmt(weights)}  "
+        f"{_fmt(metrics)}  grad ratio {ratio}  {seconds:.1f}s"
+    )

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from server import ingest, metrics_wire, models, queries, schemas
+from server import groups, ingest, metrics_wire, models, queries, schemas, verdict
 from server.db import SessionDep, database_kind
 from server.errors import RunNotFound
 from server.security import require_read, require_write
@@ -136,7 +136,7 @@ def list_runs(
 @reads.get("/api/runs/{run_id}", response_model=schemas.RunRead, tags=["runs"], responses=RUN)
 def get_run(run: RunDep, session: SessionDep) -> schemas.RunRead:
     """One run with its summary (epoch count, last ratio, alerts)."""
-    return queries.run_read(run, ingest.task_names(session, run.id))
+    return queries.get_run(session, run.id)
 
 
 @writes.patch("/api/runs/{run_id}", response_model=schemas.RunRead, tags=["runs"], responses=RUN)
@@ -144,7 +144,7 @@ def update_run(run: RunDep, body: schemas.RunUpdate, session: SessionDep) -> sch
     """Mark a run finished/failed/crashed (or running), or change its ratio threshold; a new
     threshold recomputes the run's alerts."""
     run = ingest.update_run(session, run, body)
-    return queries.run_read(run, ingest.task_names(session, run.id))
+    return queries.get_run(session, run.id)
 
 
 @writes.delete(
@@ -220,6 +220,7 @@ def _json_columns(d: queries.MetricsData) -> bytes:
             "epoch_metrics": d.epoch_metrics,
             "task_metrics": d.task_metrics,
             "cosines": [{"a": a, "b": b, "values": v} for a, b, v in d.cosines],
+            "groups": groups.for_json(d.groups),
             "cursor": d.cursor,
             "downsampled": d.downsampled,
             "total_epochs": d.total_epochs,
@@ -359,6 +360,14 @@ def all_alerts(
     return schemas.AlertList(
         alerts=queries.list_alerts(session, run_id=run_id, open_only=open_only, limit=limit)
     )
+
+
+@reads.get(
+    "/api/runs/{run_id}/verdict", response_model=schemas.Verdict, tags=["runs"], responses=RUN
+)
+def run_verdict(run: RunDep, session: SessionDep) -> schemas.Verdict:
+    """The run's verdict: dominant task, imbalance, conflict, weight collapse, a next step."""
+    return verdict.compute(session, queries.run_read(run, ingest.task_names(session, run.id)))
 
 
 router.include_router(reads)

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 
-from server import charts, queries
+from server import charts, compare_charts, compare_table, queries, verdict
 from server.config import Settings, get_settings
 from server.db import SessionDep
 from server.errors import InvalidInput, RunNotFound
@@ -70,7 +70,8 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def fmt_peak(alert: AlertRead) -> str:
-    """An alert's peak: a ratio (12.3×) for imbalance, a plain number (cosine, weight) else."""
+    """An alert's worst value: the largest ratio (12.3×) for imbalance, the smallest cosine or
+    weight share for conflict and weight collapse, the value for non-finite."""
     value = alert.peak_value
     if alert.kind == AlertKind.imbalance or value is None or not math.isfinite(value):
         return fmt_ratio(value)
@@ -89,7 +90,21 @@ def fmt_when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else "–"
 
 
-templates.env.filters.update(ratio=fmt_ratio, ratio_class=ratio_class, when=fmt_when, peak=fmt_peak)
+def fmt_number(value: float | None) -> str:
+    """4 significant digits; NaN/∞ spelled out; an en dash when not measured."""
+    if value is None:
+        return "–"
+    return fmt_ratio(value) if not math.isfinite(value) else f"{value:.4g}"
+
+
+def fmt_percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+templates.env.filters.update(
+    ratio=fmt_ratio, ratio_class=ratio_class, when=fmt_when, peak=fmt_peak, number=fmt_number,
+    percent=fmt_percent,
+)  # fmt: skip
 
 
 def json_bytes_for_script(data: Any) -> bytes:
@@ -257,8 +272,12 @@ def run_page(request: Request, session: SessionDep, run_id: str) -> HTMLResponse
         "figures_url": f"/api/runs/{rid}/figures",
     }
     alerts = queries.list_alerts(session, run_id=rid)
+    v = verdict.compute(session, run)
+    levels = {i.level for i in v.items}
+    level = "bad" if "bad" in levels else ("warn" if "warn" in levels else "ok")
     return render_with_payload(
         request, "run.html", "run", payload, run=run, alerts=alerts, live=live,
+        verdict=v if run.epoch_count else None, verdict_level=level,
         downsampled=data["downsampled"], total_epochs=data["total_epochs"],
         shown_epochs=data["shown_epochs"],
         chart_keys=list(data["figures"]),
@@ -297,9 +316,15 @@ def compare_page(
     max_points = settings_of(request).max_points
     context: dict[str, Any] = {"selected": selected, "selected_ids": set(ids)}
     if len(selected) >= 2:
+        table = compare_table.rows(session, selected)
+        context.update(
+            help_rows=table,
+            help_tasks=compare_table.task_columns(table),
+            csv_url="/compare.csv?" + urlencode({"runs": ",".join(str(i) for i in ids)}),
+        )
         cache = metrics_cache(request)
         pairs = [(r, cache.get_metrics(session, r, max_points)) for r in selected]
-        figures = charts.compare_figures(pairs)
+        figures = compare_charts.compare_figures(pairs)
         context.update(
             chart_keys=list(figures),
             downsampled=any(m.downsampled for _, m in pairs),
@@ -315,6 +340,15 @@ def compare_page(
     return render(request, "compare.html", "compare", **context)
 
 
+@router.get("/compare.csv")
+def compare_csv(session: SessionDep, runs: Annotated[list[str] | None, Query()] = None) -> Response:
+    """The compare page's "did balancing help?" table as CSV (what the page shows)."""
+    selected = [queries.get_run(session, rid) for rid in parse_run_ids(runs or [])]
+    body = compare_table.to_csv(compare_table.rows(session, selected))
+    headers = {"Content-Disposition": 'attachment; filename="gradwatch-compare.csv"'}
+    return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
+
+
 # ---------------------------------------------------------------- alerts
 
 
@@ -323,9 +357,10 @@ def alerts_page(request: Request, session: SessionDep, open: bool = False) -> HT
     every = queries.list_alerts(session, limit=ALERTS_LIMIT)
     opened = queries.list_alerts(session, open_only=True, limit=ALERTS_LIMIT)
     counts = {"all": len(every), "open": len(opened)}
+    running = queries.running_run_ids(session, {a.run_id for a in opened})
     return render(
         request, "alerts.html", "alerts", alerts=opened if open else every, open_only=open,
-        counts=counts,
+        counts=counts, running=running,
     )  # fmt: skip
 
 

@@ -83,16 +83,46 @@ window.gw = (function () {
     return badge;
   }
 
+  /** The red flag means imbalance only (templates/_macros.html flag). */
   function flag(run) {
-    if (run.open_alerts) {
-      const text = "⚑ open" + (run.open_alerts > 1 ? ` (${run.open_alerts})` : "");
-      return el("span", { class: "flag flag-open", title: `${run.open_alerts} alert(s) open` }, text);
+    if ((run.open_alert_kinds || {}).imbalance) {
+      return el("span", { class: "flag flag-open", title: "an imbalance alert is open" }, "⚑ open");
     }
     if (run.flagged) {
       return el("span", { class: "flag flag-past", title: "an imbalance alert was opened earlier" },
         "⚑ past");
     }
     return document.createTextNode("");
+  }
+
+  /** Open alerts other than imbalance, one badge per kind (templates/_macros.html). */
+  function kindBadges(run) {
+    const wrap = document.createDocumentFragment();
+    Object.keys(run.open_alert_kinds || {}).sort().forEach((kind) => {
+      if (kind === "imbalance") return;
+      const n = run.open_alert_kinds[kind];
+      const label = kind.replace(/_/g, " ");
+      wrap.append(el("span", { class: "kind-badge kind-" + kind,
+        title: `${n} open ${label} alert(s)` }, label + (n > 1 ? ` ×${n}` : "")));
+    });
+    return wrap;
+  }
+
+  /** Plotly colours for the page's colour scheme (the CSS variables of app.css). */
+  function themeLayout() {
+    const css = getComputedStyle(document.documentElement);
+    const v = (name) => css.getPropertyValue(name).trim();
+    return { paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
+      font: { color: v("--ink") }, "xaxis.gridcolor": v("--grid"), "yaxis.gridcolor": v("--grid") };
+  }
+
+  function themed(layout) {
+    const t = themeLayout();
+    const out = Object.assign({}, layout, { paper_bgcolor: t.paper_bgcolor,
+      plot_bgcolor: t.plot_bgcolor, font: Object.assign({}, layout.font, t.font) });
+    out.xaxis = Object.assign({ gridcolor: t["xaxis.gridcolor"] }, layout.xaxis);
+    out.yaxis = Object.assign({ gridcolor: t["yaxis.gridcolor"] }, layout.yaxis);
+    return out;
   }
 
   function ratioCell(value, threshold) {
@@ -109,6 +139,7 @@ window.gw = (function () {
   const plotConfig = {
     displaylogo: false,
     responsive: true,
+    displayModeBar: "hover",
     modeBarButtonsToRemove: ["lasso2d", "select2d", "autoScale2d"],
   };
 
@@ -175,5 +206,5 @@ window.gw = (function () {
   }
 
   return { PALETTE, num, finite, isNonFinite, nonFiniteLabel, fmtRatio, fmtPeak, ratioClass, fmtWhen, el,
-    readJSON, statusBadge, flag, ratioCell, taskChips, plotConfig, linkXAxes, setText, replace };
+    readJSON, statusBadge, flag, kindBadges, themed, ratioCell, taskChips, plotConfig, linkXAxes, setText, replace };
 })();

@@ -8,7 +8,7 @@
   const jobs = Object.entries(data.figures).map(([key, fig]) => {
     const div = document.getElementById("chart-" + key);
     divs.push(div);
-    return Plotly.newPlot(div, fig.data, fig.layout, gw.plotConfig);
+    return Plotly.newPlot(div, fig.data, gw.themed(fig.layout), gw.plotConfig);
   });
   Promise.all(jobs).then(() => {
     return gw.linkXAxes(divs, null).fit();

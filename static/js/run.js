@@ -12,6 +12,7 @@
   let finished = !data.live;
   let detailTimer = null;
   let axes = null;          // linked x axes (gw.linkXAxes)
+  let running = data.live;  // open episodes read "open" while running, "open at end" after
 
   function draw(figures, keepRange) {
     const jobs = [];
@@ -19,7 +20,7 @@
       const div = document.getElementById("chart-" + key);
       if (!div) continue;
       sources[key] = fig.sources;
-      const layout = fig.layout;
+      const layout = gw.themed(fig.layout);
       if (keepRange && div.layout && div.layout.xaxis && !div.layout.xaxis.autorange) {
         layout.xaxis = Object.assign({}, layout.xaxis, { range: div.layout.xaxis.range });
       }
@@ -144,6 +145,8 @@
     const run = update.run;
     gw.replace("run-status", gw.statusBadge(run.status));
     gw.replace("run-flag", gw.flag(run));
+    gw.replace("run-badges", gw.kindBadges(run));
+    running = run.status === "running";
     gw.setText("run-epochs", String(run.epoch_count));
     gw.replace("run-ratio", gw.ratioCell(run.last_grad_norm_ratio, run.ratio_threshold));
     renderAlerts(update.alerts);
@@ -154,15 +157,17 @@
     if (!body) return;
     body.replaceChildren(...alerts.map((a) => {
       const open = a.closed_epoch === null;
-      const tr = gw.el("tr", { class: open ? "open" : "closed" });
-      const status = open ? gw.el("span", { class: "flag flag-open" }, "⚑ open")
-                          : gw.el("span", { class: "muted" }, "closed");
+      const tr = gw.el("tr", { class: (open ? "open " : "closed ") + a.kind });
+      const status = !open ? gw.el("span", { class: "muted" }, "closed")
+        : a.kind === "imbalance" ? gw.el("span", { class: "flag flag-open" }, "⚑ open")
+        : gw.el("span", { class: "open-badge" }, "open");
       const link = gw.el("a", {
         class: "epoch-link",
         href: `?epoch=${a.opened_epoch}` + (open ? "" : `&to=${a.closed_epoch}`) + "#charts",
       }, a.opened_epoch);
       const cells = [status, gw.el("span", { class: "kind kind-" + a.kind },
-        a.kind.replace(/_/g, " ")), a.task || "–", link, open ? "–" : a.closed_epoch,
+        a.kind.replace(/_/g, " ")), a.task || "–", link,
+        open ? (running ? "open" : "open at end") : a.closed_epoch,
         gw.fmtPeak(a), a.message];
       cells.forEach((c, i) => {
         const td = gw.el("td", { class: i >= 3 && i <= 5 ? "num" : null });
@@ -232,7 +237,10 @@
   }
 
   draw(data.figures, false).then(() => {
-    axes = gw.linkXAxes(Object.values(charts), onRange);
+    // The cosine matrix has tasks, not epochs, on its x axis: it is not linked.
+    const timeline = Object.values(charts).filter(
+      (d) => !(d.layout.meta && d.layout.meta.epoch_axis === false));
+    axes = gw.linkXAxes(timeline, onRange);
     const focus = focusFromUrl();
     const ready = focus ? axes.zoomTo(focus).then(() => onRange(focus)) : axes.fit();
     return ready.then(() => {

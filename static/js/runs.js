@@ -38,7 +38,7 @@
     cells[3].append(gw.statusBadge(run.status));
     cells[4].append(gw.taskChips(run.tasks));
     cells[6].append(gw.ratioCell(run.last_grad_norm_ratio, run.ratio_threshold));
-    cells[7].append(gw.flag(run));
+    cells[7].append(gw.flag(run), gw.kindBadges(run));
     tr.append(...cells);
     return tr;
   }

@@ -95,8 +95,11 @@ def test_cli_prints_one_summary_line_per_epoch(cmapss_dir: Path, capsys: pytest.
     )
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
-    # epochs count from 0, as on the dashboard
-    assert [line.split()[:2] for line in lines[:2]] == [["epoch", "0/1"], ["epoch", "1/1"]]
+    # numbered as on the dashboard (from 0), with the 1-based count beside
+    assert [line.split()[:3] for line in lines[:2]] == [
+        ["epoch", "0", "(1/2)"],
+        ["epoch", "1", "(2/2)"],
+    ]
     assert lines[-1].startswith("done: cmapss dwa")
 
 

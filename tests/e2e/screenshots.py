@@ -13,7 +13,7 @@ from typing import Any
 from playwright.sync_api import sync_playwright
 
 from tests.e2e.browser import launch
-from tests.e2e.seed import Api, synthetic_epochs
+from tests.e2e.seed import LAYERS, TEN_TASKS, Api, add_groups, synthetic_epochs
 from tests.support import ServerProcess
 
 VIEWPORT = {"width": 1360, "height": 900}
@@ -39,7 +39,16 @@ def seed_demo(api: Api) -> dict[str, str]:
     live = api.create_run("fd002-gradnorm-live", project="cmapss", config={"balancer": "gradnorm"})
     api.ingest(live, synthetic_epochs("gradnorm", range(30), seed=7))
     api.seed_run("smoke-test", "equal", 12, project="scratch")
-    return {"equal": equal, "gradnorm": gradnorm, "live": live}
+    ten = api.create_run("ten-tasks-6-layers", tasks=TEN_TASKS, project="cmapss",
+                         config={"method": "equal"})  # fmt: skip
+    records = synthetic_epochs("equal", range(60), tasks=TEN_TASKS, seed=3)
+    add_groups(records, LAYERS)
+    api.ingest(ten, records)
+    api.finish(ten)
+    return {"equal": equal, "gradnorm": gradnorm, "live": live, "ten": ten}
+
+
+NARROW = {"width": 800, "height": 900}
 
 
 def take(page: Any, url: str, path: Path, charts: bool = False) -> None:
@@ -58,6 +67,11 @@ def capture(base_url: str, ids: dict[str, str], out: Path, browser: Any = None) 
         (f"{base_url}/runs/{ids['equal']}", out / "run.png", True),
         (f"{base_url}/compare?runs={ids['equal']},{ids['gradnorm']}", out / "compare.png", True),
         (f"{base_url}/alerts", out / "alerts.png", False),
+        (f"{base_url}/runs/{ids['ten']}", out / "run-10-tasks.png", True),
+    ]
+    styled = [  # (viewport, colour scheme, url, path)
+        (NARROW, "light", f"{base_url}/runs/{ids['ten']}", out / "run-800px.png"),
+        (VIEWPORT, "dark", f"{base_url}/runs/{ids['equal']}", out / "run-dark.png"),
     ]
     if browser is None:
         with sync_playwright() as p:
@@ -71,7 +85,11 @@ def capture(base_url: str, ids: dict[str, str], out: Path, browser: Any = None) 
     for url, path, charts in shots:
         take(page, url, path, charts)
     context.close()
-    return [path for _, path, _ in shots]
+    for viewport, scheme, url, path in styled:
+        context = browser.new_context(viewport=viewport, color_scheme=scheme, device_scale_factor=1)
+        take(context.new_page(), url, path, charts=True)
+        context.close()
+    return [path for _, path, _ in shots] + [s[3] for s in styled]
 
 
 def main(argv: list[str]) -> int:

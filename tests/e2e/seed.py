@@ -123,3 +123,29 @@ class Api:
         if finish:
             self.finish(run_id)
         return run_id
+
+
+TEN_TASKS = ["rul", "health", "op_mode", "fault_hpc", "fault_fan", "wear", "temp", "vibration",
+             "pressure", "flow"]  # fmt: skip
+LAYERS = ["embed", "conv1", "conv2", "lstm", "dense", "shared_head"]
+
+
+def add_groups(records: list[dict[str, Any]], layers: list[str], seed: int = 0) -> None:
+    """Per-layer numbers for each record (the measuring core's `groups`): the first task's share
+    grows with depth, and the deepest layers start to conflict late in training."""
+    rng = random.Random(seed)
+    n = max(len(records), 1)
+    for r in records:
+        tasks, progress = list(r["tasks"]), r["epoch"] / n
+        groups = []
+        for depth, name in enumerate(layers):
+            scale = 1 + depth * (1 + 3 * progress)
+            norms = {t: (scale if i == 0 else 1.0 / (1 + 0.2 * i)) * (1 + rng.gauss(0, 0.05))
+                     for i, t in enumerate(tasks)}  # fmt: skip
+            w = {t: float(r["tasks"][t].get("task_weight") or 1.0) for t in tasks}
+            weighted = [abs(w[t]) * norms[t] for t in tasks]
+            cos = 0.6 - 0.25 * depth * progress + rng.gauss(0, 0.05)
+            groups.append({"name": name, "grad_norm": norms,
+                           "grad_norm_ratio": max(weighted) / min(weighted),
+                           "min_cosine": max(-1.0, min(1.0, cos))})  # fmt: skip
+        r["groups"] = groups

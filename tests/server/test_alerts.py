@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
-from server.alerts import AlertState, EpochView, evaluate
-from tests.server.conftest import TestClient, epoch, ingest, make_run
+from server.alerts import AlertState, EpochView, Hysteresis, evaluate
+from tests.server.conftest import TestClient, epoch, ingest
+from tests.server.conftest import make_run as _make_run
+
+# The rules without hysteresis (open on the first epoch above, close on the first below): the
+# hysteresis itself is tested in test_alert_hysteresis.py.
+IMMEDIATE = {"alert_open_epochs": 1, "alert_close_epochs": 1, "rearm_ratio": 10.0}
+
+
+def make_run(client: TestClient, **fields: Any) -> dict[str, Any]:
+    return _make_run(client, **{**IMMEDIATE, **fields})
 
 
 def _run_rules(views: list[EpochView], threshold: float = 10.0) -> AlertState:
-    return evaluate(views, AlertState(), threshold)
+    return evaluate(views, AlertState(), Hysteresis(threshold, 1, 1, rearm=threshold))
 
 
 def _episodes(state: AlertState) -> list[tuple[str, str | None, int, int | None]]:

@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from server import charts
+from server import charts, compare_charts
 from server.schemas import MetricsRead, PairSeries, RunRead, RunStatus
 
 NAN = float("nan")
@@ -98,9 +98,17 @@ def test_every_trace_shares_the_epoch_x_values() -> None:
             assert trace["x"] == [0, 1, 2, 3]
 
 
-def test_run_figures_are_the_six_charts_in_page_order() -> None:
+def test_run_figures_are_the_charts_in_page_order() -> None:
     figs = charts.run_figures(two_task_metrics(), 10.0)
-    assert list(figs) == ["grad_norm", "ratio", "cosine", "loss_ratio", "weight", "loss"]
+    assert list(figs) == [
+        "grad_norm",
+        "weighted_norm",
+        "ratio",
+        "cosine",
+        "loss_ratio",
+        "weight",
+        "loss",
+    ]
 
 
 def test_task_colours_are_the_same_in_every_chart() -> None:
@@ -196,15 +204,19 @@ def test_cosine_chart_with_one_pair_draws_only_that_pair() -> None:
     assert lines(fig)[0]["y"] == [0.5, -0.2, 0.1, 0.3]
 
 
-def test_cosine_chart_with_many_pairs_draws_the_minimum_only() -> None:
+def test_cosine_chart_with_many_pairs_draws_the_worst_pair_and_the_minimum_named() -> None:
     tasks = [f"t{i}" for i in range(6)]  # 15 pairs
     pairs = [
-        PairSeries(a=a, b=b, values=[0.1]) for i, a in enumerate(tasks) for b in tasks[i + 1 :]
+        PairSeries(a=a, b=b, values=[-0.4, 0.2] if (a, b) == ("t2", "t4") else [0.1, -0.1])
+        for i, a in enumerate(tasks)
+        for b in tasks[i + 1 :]
     ]
-    m = metrics(tasks, [0], epoch_values={"min_cosine": [-0.4]}, cosines=pairs)
+    m = metrics(tasks, [0, 1], epoch_values={"min_cosine": [-0.4, -0.1]}, cosines=pairs)
     fig = charts.cosine_figure(m)
-    assert [t["name"] for t in lines(fig)] == ["min cosine"]
-    assert fig["sources"][0] == {"kind": "series", "path": ["epoch", "min_cosine"]}
+    # every pair is negative once; t2 · t4 has the lowest mean
+    assert [t["name"] for t in lines(fig)] == ["worst pair: t2 · t4", "min over all pairs"]
+    assert fig["sources"][0] == {"kind": "series", "path": ["pair", "t2", "t4"]}
+    assert fig["sources"][1] == {"kind": "series", "path": ["epoch", "min_cosine"]}
 
 
 def test_loss_ratio_chart_has_loss_ratio_and_inverse_rate_per_task() -> None:
@@ -243,7 +255,7 @@ def test_series_sources_point_at_the_columns_they_were_built_from() -> None:
 def test_compare_overlays_one_ratio_trace_per_run() -> None:
     a, b = two_task_metrics(), two_task_metrics()
     b.epoch_metrics["grad_norm_ratio"] = [2.0, 2.0, 2.0, 2.0]
-    figs = charts.compare_figures(
+    figs = compare_charts.compare_figures(
         [(run_read("equal", a.tasks), a), (run_read("gradnorm", b.tasks), b)]
     )
     ratio = figs["ratio"]["data"]
@@ -254,18 +266,27 @@ def test_compare_overlays_one_ratio_trace_per_run() -> None:
 
 def test_compare_weights_colour_by_run_and_dash_by_task() -> None:
     a, b = two_task_metrics(), two_task_metrics()
-    figs = charts.compare_figures([(run_read("equal", a.tasks), a), (run_read("gn", b.tasks), b)])
+    figs = compare_charts.compare_figures(
+        [(run_read("equal", a.tasks), a), (run_read("gn", b.tasks), b)]
+    )
     traces = figs["weight"]["data"]
     assert [t["name"] for t in traces] == ["equal: rul", "equal: health", "gn: rul", "gn: health"]
     assert [t["line"]["dash"] for t in traces] == ["solid", "dash", "solid", "dash"]
-    assert traces[0]["line"]["color"] == traces[1]["line"]["color"] != traces[2]["line"]["color"]
+    colors = [t["line"]["color"] for t in traces]
+    assert (
+        colors[0] in compare_charts.RUN_FAMILIES[0] and colors[1] in compare_charts.RUN_FAMILIES[0]
+    )
+    assert (
+        colors[2] in compare_charts.RUN_FAMILIES[1] and colors[3] in compare_charts.RUN_FAMILIES[1]
+    )
+    assert not set(colors) & set(charts.TASK_PALETTE)  # never a run page's task colour
 
 
 def test_compare_draws_each_distinct_threshold_once() -> None:
     a = two_task_metrics()
     runs = [(run_read("x", a.tasks, 10.0), a), (run_read("y", a.tasks, 10.0), a),
             (run_read("z", a.tasks, 5.0), a)]  # fmt: skip
-    shapes = charts.compare_figures(runs)["ratio"]["layout"]["shapes"]
+    shapes = compare_charts.compare_figures(runs)["ratio"]["layout"]["shapes"]
     assert sorted(s["y0"] for s in shapes) == [5.0, 10.0]
 
 

@@ -98,7 +98,9 @@ def test_downsampled_read_since_a_cursor_keeps_what_a_scan_of_the_later_epochs_k
 
 
 def test_downsampled_read_keeps_a_lone_spike_and_every_alert_epoch(client: TestClient) -> None:
-    run = make_run(client, ratio_threshold=10.0)
+    run = make_run(
+        client, ratio_threshold=10.0, alert_open_epochs=1, alert_close_epochs=1, rearm_ratio=10.0
+    )  # no hysteresis
     ratios: dict[int, Any] = {e: 2.0 for e in range(50_000)}
     ratios[31_337] = 400.0  # one spike: opens an alert, the next epoch closes it
     ratios[40_000] = 0.01  # one dip

@@ -116,10 +116,13 @@ def test_runs_page_escapes_names(client: TestClient) -> None:
 # ---------------------------------------------------------------- run page
 
 
-def test_run_page_embeds_six_figures_and_the_cursor(client: TestClient) -> None:
+def test_run_page_embeds_the_figures_and_the_cursor(client: TestClient) -> None:
     run_id = make_run(client, epochs=12)
     data = embedded(client.get(f"/runs/{run_id}").text, "run-data")
-    assert list(data["figures"]) == ["grad_norm", "ratio", "cosine", "loss_ratio", "weight", "loss"]
+    assert list(data["figures"]) == [
+        "grad_norm", "weighted_norm", "ratio", "cosine", "cosine_matrix", "loss_ratio", "weight",
+        "loss",
+    ]  # fmt: skip
     assert data["cursor"] > 0 and data["live"] is True
     names = [t["name"] for t in data["figures"]["grad_norm"]["data"] if t["mode"] == "lines"]
     assert names == TASKS
@@ -137,7 +140,7 @@ def test_run_named_like_the_payload_slot_keeps_its_name_and_figures(client: Test
     html = client.get(f"/runs/{run_id}").text
     assert f'<span id="run-name">{PAYLOAD_SLOT}</span>' in html
     data = embedded(html, "run-data")
-    assert data["run"]["name"] == PAYLOAD_SLOT and len(data["figures"]) == 6
+    assert data["run"]["name"] == PAYLOAD_SLOT and len(data["figures"]) == 8
 
 
 def test_run_page_json_block_cannot_close_the_script_tag(client: TestClient) -> None:

@@ -38,7 +38,7 @@ def test_list_projects_is_distinct_and_sorted(client: TestClient, session: Sessi
 
 
 def test_list_alerts_open_only(client: TestClient, session: Session) -> None:
-    run = make_run(client)
+    run = make_run(client, alert_open_epochs=1, alert_close_epochs=1, rearm_ratio=10.0)
     ingest(
         client,
         run["id"],

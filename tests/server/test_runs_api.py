@@ -102,7 +102,7 @@ def test_list_runs_filters_by_project_and_status(client: TestClient) -> None:
 
 def test_list_runs_filters_by_flagged(client: TestClient) -> None:
     calm, spiky = make_run(client), make_run(client)
-    ingest(client, spiky["id"], [epoch(0, {"rul": 100.0, "health": 1.0})])
+    ingest(client, spiky["id"], [epoch(i, {"rul": 100.0, "health": 1.0}) for i in range(3)])
     ingest(client, calm["id"], [epoch(0, {"rul": 1.0, "health": 1.0})])
     flagged = client.get("/api/runs", params={"flagged": "true"}).json()["runs"]
     assert [r["id"] for r in flagged] == [spiky["id"]]
@@ -129,7 +129,7 @@ def test_patch_finished_sets_finished_at(client: TestClient) -> None:
 
 
 def test_patch_threshold_recomputes_alerts(client: TestClient) -> None:
-    run = make_run(client)
+    run = make_run(client, alert_open_epochs=1, alert_close_epochs=1, rearm_ratio=10.0)
     ingest(client, run["id"], [epoch(0, {"rul": 20.0, "health": 1.0})])
     assert client.get(f"/api/runs/{run['id']}").json()["open_alerts"] == 1
     body = client.patch(f"/api/runs/{run['id']}", json={"ratio_threshold": 50}).json()

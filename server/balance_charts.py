@@ -1,0 +1,173 @@
+"""The run page's balance charts: weighted norms, the task-pair cosine matrix, the worst pair,
+and the per-layer heatmaps (epochs x parameter groups). Pure functions of `MetricsRead`, as in
+server.charts (same figure shape: data, layout, sources).
+
+- Weighted norm |w_i| G_i = ||grad_W (w_i L_i)||: the quantity the ratio chart divides (GradNorm,
+  Chen et al. 2018), next to the raw norms G_i, so a 300x gap above and a 7x ratio below read
+  as the same run.
+- Cosine matrix: cos(g_i, g_j) for every task pair at one epoch (the last with cosines unless
+  asked), T x T, symmetric, 1 on the diagonal; < 0 is conflict (Yu et al. 2020, PCGrad).
+- Worst pair: the pair whose cosine is most often negative (ties: the lowest mean).
+- Heatmaps: per parameter group, log10 of the group's ratio and the group's minimum cosine, on
+  the epochs of the (downsampled) read, so where a task dominates or conflict starts shows by
+  layer. Live updates do not extend them: the page redraws them with the other charts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from server.charts import (
+    FLAG_COLOR,
+    Figure,
+    _figure,
+    _layout,
+    _line,
+    _nonfinite_markers,
+    task_colors,
+)
+from server.schemas import MetricsRead
+
+STATIC = {"kind": "static"}  # a source live updates leave alone
+DIVERGING = [[0.0, FLAG_COLOR], [0.5, "#f2f2f2"], [1.0, "#2f6fdf"]]  # -1 red, 0 grey, +1 blue
+RATIO_SCALE = [[0.0, "#f2f5fa"], [0.5, "#f3b562"], [1.0, "#b00020"]]
+
+
+def _finite(v: Any) -> float | None:
+    return v if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+def weighted_norm_figure(m: MetricsRead) -> Figure:
+    """Per-task weighted gradient norms |w_i| G_i, log y: the ratio chart's own quantity."""
+    colors = task_colors(m.tasks)
+    paths = [["task", t, "weighted_grad_norm"] for t in m.tasks]
+    traces = [_line(m, p, p[1], colors[p[1]]) for p in paths]
+    traces.append(_nonfinite_markers(m, paths, [f"{t} weighted norm" for t in m.tasks]))
+    title = "Weighted gradient norm |w<sub>i</sub>| ‖∇<sub>W</sub> L<sub>i</sub>‖ (the ratio's)"
+    return _figure(traces, _layout(title, "weighted norm", log=True))
+
+
+def worst_pair(m: MetricsRead) -> tuple[str, str] | None:
+    """The pair most often below 0 (ties: the lowest mean cosine), or None without cosines."""
+    best: tuple[int, float, str, str] | None = None
+    for p in m.cosines:
+        # chained comparisons drop None, NaN and +/-Inf at C speed (no call per value)
+        vals = [v for v in p.values if v is not None and -math.inf < v < math.inf]
+        if not vals:
+            continue
+        negative = len(vals) - len(list(filter((0.0).__le__, vals)))
+        key = (-negative, sum(vals) / len(vals), p.a, p.b)
+        best = key if best is None or key < best else best
+    return (best[2], best[3]) if best else None
+
+
+def worst_pair_trace(m: MetricsRead) -> tuple[dict, dict] | None:
+    pair = worst_pair(m)
+    if pair is None:
+        return None
+    return _line(m, ["pair", *pair], f"worst pair: {pair[0]} · {pair[1]}", FLAG_COLOR, dash="dash")
+
+
+def cosine_matrix_figure(m: MetricsRead, epoch: int | None = None) -> Figure | None:
+    """T x T cosines at `epoch` (default: the last epoch with any cosine); None if none."""
+    found = [i for i, _ in enumerate(m.epochs) if any(_finite(p.values[i]) is not None
+                                                      for p in m.cosines)]  # fmt: skip
+    if epoch is not None and epoch in m.epochs:
+        found = [i for i in found if m.epochs[i] <= epoch]
+    if not found:
+        return None
+    i = found[-1]
+    tasks = m.tasks
+    pos = {t: k for k, t in enumerate(tasks)}
+    z: list[list[float | None]] = [[1.0 if a == b else None for b in tasks] for a in tasks]
+    for p in m.cosines:
+        if p.a in pos and p.b in pos:
+            v = _finite(p.values[i])
+            z[pos[p.a]][pos[p.b]] = z[pos[p.b]][pos[p.a]] = v
+    text = [["–" if v is None else f"{v:.2f}" for v in row] for row in z]
+    trace = {
+        "type": "heatmap",
+        "x": tasks,
+        "y": tasks,
+        "z": z,
+        "zmin": -1,
+        "zmax": 1,
+        "colorscale": DIVERGING,
+        "text": text,
+        "texttemplate": "%{text}" if len(tasks) <= 10 else "",
+        "hovertemplate": "%{y} · %{x}: %{z:.3f}<extra></extra>",
+        "colorbar": {"title": {"text": "cos"}, "thickness": 12},
+        "name": "cosine",
+        "showlegend": False,
+    }
+    layout = _layout(f"Task-pair cosine at epoch {m.epochs[i]} (< 0: conflict)", "")
+    layout["xaxis"] = {"type": "category", "tickangle": -30}
+    layout["yaxis"] = {"type": "category", "autorange": "reversed"}
+    layout["height"] = max(280, 60 + 28 * len(tasks))
+    layout["meta"] = {"epoch_axis": False, "epoch": m.epochs[i]}
+    return _figure([(trace, STATIC)], layout)
+
+
+def _group_heatmap(m: MetricsRead, field: str, title: str, **style: Any) -> Figure:
+    names = [g.name for g in m.groups]
+    rows = []
+    for g in m.groups:
+        vals = [_finite(v) for v in getattr(g, field)]
+        if field == "grad_norm_ratio":
+            vals = [math.log10(v) if v is not None and v > 0 else None for v in vals]
+        rows.append(vals)
+    trace = {
+        "type": "heatmap",
+        "x": list(m.epochs),
+        "y": names,
+        "z": rows,
+        "name": field,
+        "showlegend": False,
+        **style,
+    }
+    layout = _layout(title, "group")
+    layout["yaxis"] = {"type": "category", "automargin": True}
+    layout["height"] = max(240, 90 + 24 * len(names))
+    return _figure([(trace, STATIC)], layout)
+
+
+def group_ratio_figure(m: MetricsRead, threshold: float) -> Figure:
+    top = max(math.log10(threshold) * 2, 1.0)
+    return _group_heatmap(
+        m,
+        "grad_norm_ratio",
+        "Per-layer gradient-norm ratio (log<sub>10</sub>; red: a task dominates the layer)",
+        zmin=0,
+        zmax=top,
+        colorscale=RATIO_SCALE,
+        colorbar={"title": {"text": "log10"}, "thickness": 12},
+        hovertemplate="epoch %{x}, %{y}: 10^%{z:.2f}×<extra></extra>",
+    )
+
+
+def group_cosine_figure(m: MetricsRead) -> Figure:
+    return _group_heatmap(
+        m,
+        "min_cosine",
+        "Per-layer minimum cosine (red: conflict)",
+        zmin=-1,
+        zmax=1,
+        colorscale=DIVERGING,
+        colorbar={"title": {"text": "cos"}, "thickness": 12},
+        hovertemplate="epoch %{x}, %{y}: %{z:.3f}<extra></extra>",
+    )
+
+
+def optional_figures(m: MetricsRead, threshold: float) -> dict[str, Figure]:
+    """The charts a run has data for: cosine matrix (T > 2), per-layer heatmaps (groups)."""
+    out: dict[str, Figure] = {}
+    if len(m.tasks) > 2:
+        fig = cosine_matrix_figure(m)
+        if fig is not None:
+            out["cosine_matrix"] = fig
+    if m.groups:
+        out["group_ratio"] = group_ratio_figure(m, threshold)
+        if any(_finite(v) is not None for g in m.groups for v in g.min_cosine):
+            out["group_cosine"] = group_cosine_figure(m)
+    return out
