@@ -39,9 +39,9 @@ class MetricsData:
     downsampled: bool
     total_epochs: int
     non_finite_rows: list[int] = field(default_factory=list)
+    """Positions in `epochs` whose values may be NaN/Inf (the only ones that need care)."""
     groups: list[dict[str, Any]] = field(default_factory=list)
     """Per-parameter-group columns (server.groups.columns), aligned with `epochs`."""
-    """Positions in `epochs` whose values may be NaN/Inf (the only ones that need care)."""
 
 
 def _align(rows: list[Any], epochs: tuple[int, ...], width: int, first: int = 0) -> list[list[Any]]:

@@ -93,6 +93,11 @@ def _columns(d: MetricsData) -> list[tuple[dict[str, Any], list[Any], str]]:
     for task, fields in d.task_metrics.items():
         cols += [({"group": "task", "task": task, "field": f}, v, "f") for f, v in fields.items()]
     cols += [({"group": "pair", "a": a, "b": b}, v, "f") for a, b, v in d.cosines]
+    for g in d.groups:  # per parameter group: each task's norm, the ratio, the minimum cosine
+        layer = {"group": "layer", "name": g["name"]}
+        cols += [({**layer, "task": t, "field": "grad_norm"}, v, "f")
+                 for t, v in g["grad_norm"].items()]  # fmt: skip
+        cols += [({**layer, "field": f}, g[f], "f") for f in ("grad_norm_ratio", "min_cosine")]
     return cols
 
 
@@ -153,6 +158,7 @@ def decode(body: bytes) -> dict[str, Any]:
     out["epochs"] = list(range(epochs["start"], epochs["start"] + n)) if "start" in epochs \
         else values(epochs)  # fmt: skip
     out["epoch_metrics"], out["task_metrics"], out["cosines"] = {}, {}, []
+    layers: dict[str, dict[str, Any]] = {}
     for meta in header["columns"]:
         if meta["group"] == "epoch":
             out["epoch_metrics"][meta["field"]] = values(meta)
@@ -160,6 +166,13 @@ def decode(body: bytes) -> dict[str, Any]:
             out["task_metrics"].setdefault(meta["task"], {})[meta["field"]] = values(meta)
         elif meta["group"] == "pair":
             out["cosines"].append({"a": meta["a"], "b": meta["b"], "values": values(meta)})
+        elif meta["group"] == "layer":
+            layer = layers.setdefault(meta["name"], {"name": meta["name"], "grad_norm": {}})
+            if "task" in meta:
+                layer["grad_norm"][meta["task"]] = values(meta)
+            else:
+                layer[meta["field"]] = values(meta)
+    out["groups"] = list(layers.values())
     for task in header["tasks"]:
         out["task_metrics"].setdefault(task, {})
     return out
