@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -369,8 +369,12 @@ class DeliveryWorker:
         queue_size: int = 256,
         name: str = "gradwatch-delivery",
         poll_interval: float = 1.0,
+        writers: Sequence[Any] = (),
     ) -> None:
         self.sink = sink
+        # extra writers (e.g. a tracker): ``write(records)`` after the sink took them, on this
+        # thread; ``close()`` at the end if they have one. A failing writer is warned once.
+        self.writers = list(writers)
         self.warn = warn
         self.queue_size = queue_size
         self.name = name
@@ -427,7 +431,10 @@ class DeliveryWorker:
             if isinstance(item, str):
                 self.sink.accept_status(item)
             else:
-                accept(item.to_record())
+                record = item.to_record()
+                accept(record)
+                if accept == self.sink.accept:  # not a spill on the training thread
+                    self._forward([record])
         except Exception as exc:  # noqa: BLE001 - never raise into the training loop
             self.warn("convert", f"gradwatch: could not record an epoch ({exc!r}); it is skipped")
 
@@ -441,6 +448,7 @@ class DeliveryWorker:
             self._wake.clear()
             if self._handle_queued():
                 self._final_flush()
+                self._forward(None)
                 return
 
     def _handle_queued(self) -> bool:
@@ -483,9 +491,26 @@ class DeliveryWorker:
                     self.sink.accept_many(records)
                 except Exception as exc:  # noqa: BLE001 - never raise into the training loop
                     self.warn("accept", f"gradwatch: could not record epochs ({exc!r})")
+                self._forward(records)
                 return
         for item in items:
             self._handle(item, self.sink.accept)
+
+    def _forward(self, records: list[dict] | None) -> None:
+        """Hand `records` to each extra writer (None: close them); failures warned once each."""
+        for writer in self.writers:
+            try:
+                if records is not None:
+                    writer.write(records)
+                elif hasattr(writer, "close"):
+                    writer.close()
+            except Exception as exc:  # noqa: BLE001 - a tracker must never break delivery
+                name = type(writer).__name__
+                self.warn(
+                    f"writer:{name}",
+                    f"gradwatch: {name} failed ({exc!r}); its numbers may be incomplete, "
+                    "training continues",
+                )
 
     def _final_flush(self) -> None:
         while True:
