@@ -75,8 +75,8 @@ class GradwatchAccelerator:
         if self.monitor is not None:
             self.monitor.observe(losses, weights)
         if loss is None:
-            weights = weights or {}
-            loss = sum(weights.get(t, 1.0) * value for t, value in losses.items())
+            given = weights or {}
+            loss = torch.stack([given.get(t, 1.0) * value for t, value in losses.items()]).sum()
         self.accelerator.backward(loss)
         self._after_backward()
         return loss.detach()

@@ -53,7 +53,7 @@ class TwoTaskModule(pl.LightningModule):
         )
         reference.add(losses, list(self.net.shared.parameters()))
         total = sum(WEIGHTS[t] * losses[t] for t in TASKS)
-        self.totals.setdefault(self.current_epoch, []).append(float(total))
+        self.totals.setdefault(self.current_epoch, []).append(float(total.detach()))
         return {"loss": total, "task_losses": losses, "task_weights": WEIGHTS}
 
     def configure_optimizers(self):

@@ -204,3 +204,19 @@ def test_base_package_imports_no_integration():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_readme_adapter_examples_name_what_exists():
+    import importlib
+    import re
+
+    section = (REPO_ROOT / "README.md").read_text().split("## Framework adapters", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        assert len(block.splitlines()) < 15
+        compile(block, "README.md", "exec")
+        for module, name in re.findall(r"from (client_hook\S*) import (\w+)", block):
+            assert hasattr(importlib.import_module(module), name)
+    assert "gradwatch/grad_norm_ratio" in section and "gradwatch/cosine/<a>__<b>" in section
