@@ -43,6 +43,13 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _trackers(forward_to: Sequence[Any]) -> list[Any]:
+    # imported only when asked for: the trackers' libraries are optional
+    from client_hook.integrations.trackers import make_trackers
+
+    return make_trackers(forward_to)
+
+
 def _to_float(value: Any) -> float | None:
     if value is None:
         return None
@@ -110,6 +117,9 @@ class GradMonitor:
         reuse_backward: read the combined gradient from the training step's own ``backward()``
             so that only T-1 task gradients are computed (`client_hook.engine`; verified, falls
             back by itself). False: always compute all T.
+        forward_to: trackers that also get each epoch's numbers, on the delivery thread:
+            ``"tensorboard"``, ``"mlflow"`` (the active run), ``"wandb"`` (the active run) or
+            objects from `client_hook.integrations.trackers` (metric names documented there).
     """
 
     def __init__(
@@ -134,6 +144,7 @@ class GradMonitor:
         request_timeout: float = 5.0,
         reuse_backward: bool = True,
         heartbeat_interval: float | None = 30.0,
+        forward_to: Sequence[Any] = (),
     ) -> None:
         self.tasks = list(tasks)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
@@ -168,7 +179,9 @@ class GradMonitor:
         self.local_path: Path | None = None
         self._worker: DeliveryWorker | None = None
         if self.active:
-            self._worker = DeliveryWorker(self._make_sink(token, spool_dir, local_path), self.warn)
+            writers = _trackers(forward_to) if forward_to else []
+            sink = self._make_sink(token, spool_dir, local_path)
+            self._worker = DeliveryWorker(sink, self.warn, writers=writers)
         self.epoch = 0
         self.last_record: dict | None = None
         self._samples: list[StepSample] = []

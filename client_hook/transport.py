@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -406,8 +407,12 @@ class DeliveryWorker:
         warn: WarnOnce,
         name: str = "gradwatch-delivery",
         poll_interval: float = 1.0,
+        writers: Sequence[Any] = (),
     ) -> None:
         self.sink = sink
+        # extra writers (e.g. a tracker): ``write(records)`` after the sink took them, on this
+        # thread; ``close()`` at the end if they have one. A failing writer is warned once.
+        self.writers = list(writers)
         self.warn = warn
         self.name = name
         self.poll_interval = poll_interval
@@ -472,6 +477,7 @@ class DeliveryWorker:
             self._wake.clear()
             if self._handle_queued():
                 self._final_flush()
+                self._forward(None)
                 return
             self.sink.heartbeat()
 
@@ -504,12 +510,30 @@ class DeliveryWorker:
             self.sink.accept_written(epochs)
         except Exception as exc:  # noqa: BLE001 - never raise into the training loop
             self.warn("accept", f"gradwatch: could not queue epochs for sending ({exc!r})")
+        if epochs:
+            self._forward([record for record, _ in epochs])
 
     def _accept_status(self, status: str) -> None:
         try:
             self.sink.accept_status(status)
         except Exception as exc:  # noqa: BLE001 - never raise into the training loop
             self.warn("status", f"gradwatch: could not record the final status ({exc!r})")
+
+    def _forward(self, records: list[dict] | None) -> None:
+        """Hand `records` to each extra writer (None: close them); failures warned once each."""
+        for writer in self.writers:
+            try:
+                if records is not None:
+                    writer.write(records)
+                elif hasattr(writer, "close"):
+                    writer.close()
+            except Exception as exc:  # noqa: BLE001 - a tracker must never break delivery
+                name = type(writer).__name__
+                self.warn(
+                    f"writer:{name}",
+                    f"gradwatch: {name} failed ({exc!r}); its numbers may be incomplete, "
+                    "training continues",
+                )
 
     def _final_flush(self) -> None:
         self._handle_queued()  # anything queued after the close request
