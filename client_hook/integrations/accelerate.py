@@ -58,8 +58,7 @@ class GradwatchAccelerator:
         self.end_epochs_with_dataloader = end_epochs_with_dataloader
         self.monitor: GradMonitor | None = None
         if accelerator.is_main_process or monitor_kwargs.get("all_ranks"):
-            if self.steps != 1:
-                monitor_kwargs["accumulation_steps"] = self.steps
+            monitor_kwargs["accumulation_steps"] = self.steps
             self.monitor = GradMonitor(shared, tasks, **monitor_kwargs)
         self._micro = 0  # micro-batches since the last optimizer step
         self._warned = False

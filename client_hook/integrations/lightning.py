@@ -102,9 +102,7 @@ class GradwatchCallback(pl.Callback):
         }
         if self.forward_to_loggers:
             kwargs["forward_to"] = [*logger_trackers(trainer), *kwargs.get("forward_to", ())]
-        k = trainer.accumulate_grad_batches
-        if k != 1:
-            kwargs["accumulation_steps"] = k
+        kwargs["accumulation_steps"] = trainer.accumulate_grad_batches
         return GradMonitor(resolve_shared(module, self.shared), tasks, **kwargs)
 
     # ------------------------------------------------------------------ Lightning hooks

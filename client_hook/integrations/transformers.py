@@ -109,8 +109,7 @@ class GradwatchTrainer(Trainer):
         trackers = report_to_trackers(self.callback_handler.callbacks)
         kwargs["forward_to"] = [*trackers, *kwargs.get("forward_to", ())]
         k = self.args.gradient_accumulation_steps
-        if k != 1:
-            kwargs["accumulation_steps"] = k
+        kwargs["accumulation_steps"] = k
         model = self.accelerator.unwrap_model(self.model)
         return GradMonitor(resolve_shared(model, self.gradwatch_shared), tasks, **kwargs)
 

@@ -3,14 +3,12 @@ torch.autograd.grad on the same steps, epochs ended with the prepared dataloader
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from client_hook import GradMonitor, GradwatchWarning
+from client_hook import GradwatchWarning
 from client_hook.integrations.accelerate import GradwatchAccelerator
 from tests.integrations.support import (
     TASKS,
@@ -22,11 +20,6 @@ from tests.integrations.support import (
 )
 
 WEIGHTS = {"reg": 1.0, "cls": 0.5}
-needs_accumulating_core = pytest.mark.xfail(
-    "accumulation_steps" not in inspect.signature(GradMonitor).parameters,
-    reason="GradMonitor(accumulation_steps=...) comes with the rebuilt measuring core",
-    strict=True,
-)
 
 
 def train(tmp_path, accumulation_steps=1, batches=8, epochs=2, fail_at=None, accumulate=True):
@@ -84,14 +77,12 @@ def test_epochs_end_with_the_dataloader_and_match_autograd(tmp_path):
     check(tmp_path, references, steps_per_epoch=8)
 
 
-@needs_accumulating_core
 def test_accumulation_follows_sync_gradients_to_the_dataloader_end(tmp_path):
     # 10 micro-batches, 4 per step: steps of 4, 4 and 2 (Accelerate syncs at the end)
     _, references = train(tmp_path, accumulation_steps=4, batches=10)
     check(tmp_path, references, steps_per_epoch=3)
 
 
-@needs_accumulating_core
 def test_steps_outside_accumulate_are_warned(tmp_path):
     with pytest.warns(GradwatchWarning, match="sync_gradients"):
         train(tmp_path, accumulation_steps=2, accumulate=False, epochs=1)

@@ -3,8 +3,6 @@ torch.autograd.grad on the same steps, the run's status, name and config, the lo
 
 from __future__ import annotations
 
-import inspect
-
 import lightning.pytorch as pl
 import mlflow
 import pytest
@@ -13,7 +11,6 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from client_hook import GradMonitor
 from client_hook.integrations.lightning import GradwatchCallback
 from tests.integrations.support import (
     TASKS,
@@ -25,11 +22,6 @@ from tests.integrations.support import (
 )
 
 WEIGHTS = {"reg": 1.0, "cls": 0.5}
-needs_accumulating_core = pytest.mark.xfail(
-    "accumulation_steps" not in inspect.signature(GradMonitor).parameters,
-    reason="GradMonitor(accumulation_steps=...) comes with the rebuilt measuring core",
-    strict=True,
-)
 
 
 class TwoTaskModule(pl.LightningModule):
@@ -111,7 +103,6 @@ def test_bf16_mixed_precision(tmp_path):
     check_norms(records, module, rel=2e-2)  # bf16 arithmetic in the backward passes
 
 
-@needs_accumulating_core
 def test_gradient_accumulation_describes_the_optimizer_step(tmp_path):
     module = TwoTaskModule(accumulation_steps=4)
     fit(tmp_path, module, accumulate_grad_batches=4)

@@ -4,8 +4,6 @@ loops left out, report_to's TensorBoard run side by side, the run's status."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn as nn
@@ -13,17 +11,11 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BertConfig, BertModel, TrainingArguments
 
-from client_hook import GradMonitor
 from client_hook.integrations.transformers import GradwatchTrainer
 from tests.integrations.support import TASKS, StepReference, assert_epoch_norms, read_run
 
 WEIGHTS = {"reg": 1.0, "cls": 0.5}
 SAMPLES, BATCH, EPOCHS = 16, 4, 2
-needs_accumulating_core = pytest.mark.xfail(
-    "accumulation_steps" not in inspect.signature(GradMonitor).parameters,
-    reason="GradMonitor(accumulation_steps=...) comes with the rebuilt measuring core",
-    strict=True,
-)
 
 
 class TwoTaskBert(nn.Module):
@@ -114,7 +106,6 @@ def test_training_records_autograd_norms_with_evaluation_and_tensorboard(tmp_pat
     ]
 
 
-@needs_accumulating_core
 def test_gradient_accumulation_describes_the_optimizer_step(tmp_path):
     model = TwoTaskBert(accumulation_steps=2)
     train(tmp_path, model, gradient_accumulation_steps=2)
