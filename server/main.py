@@ -57,7 +57,7 @@ def _with_non_finite_docs(app: FastAPI) -> Callable[[], dict[str, Any]]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: GRADWATCH_* variables). Migrations are not run here:
     `gradwatch serve` (and the tests) run `server.db.run_migrations` first."""
-    from server.routes import api, api_docs, login, pages, stream
+    from server.routes import api, api_docs, login, pages, scalars, stream
 
     settings = settings or get_settings()
     engine = create_db_engine(settings.database_url)
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = _with_non_finite_docs(app)  # type: ignore[method-assign]
     install_handlers(app)
     app.include_router(api.router)
+    app.include_router(scalars.router)
     app.include_router(pages.router)
     app.include_router(stream.router)
     login.install(app)  # /login, /logout, and the form for LoginRequired
