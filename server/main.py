@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
+from server import webhooks
 from server.config import Settings, asset_dir, get_settings
 from server.db import create_db_engine, make_session_factory
 from server.errors import install_handlers
@@ -65,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        if app.state.webhooks is not None:
+            app.state.webhooks.close()
         engine.dispose()
 
     app = FastAPI(
@@ -78,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.webhooks = webhooks.install(app.state.session_factory, settings)
     app.openapi = _with_non_finite_docs(app)  # type: ignore[method-assign]
     install_handlers(app)
     app.include_router(api.router)

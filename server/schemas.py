@@ -211,6 +211,9 @@ class Health(ApiModel):
     status: str
     database: str
     version: str
+    webhooks: dict[str, Any] | None = Field(
+        None, description="Alert webhook delivery figures; absent when none is configured."
+    )
 
 
 # ---------------------------------------------------------------- scalars (server.scalars)
