@@ -255,6 +255,8 @@ class LocalRunFile:
                         epochs[int(item["record"]["epoch"])] = dict(item["record"])
                     elif kind == "status":
                         status = str(item["status"])
+                    elif kind == "scalars":  # metrics: not uploaded by `gradwatch import` yet
+                        continue
                     else:
                         raise ValueError(f"unknown record kind {kind!r}")
                 except (ValueError, KeyError, TypeError) as exc:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from client_hook import scalars
 from client_hook.api import MAX_BATCH, RefusedError, RetryableError, RunUploader, deliver_spool
 from client_hook.spool import LocalRunFile, RunSpool
 
@@ -99,7 +100,8 @@ class FileSink:
                 pass
 
     def accept(self, record: dict) -> None:
-        self._append([("epoch", {"record": record})])
+        kind = scalars.KEY if scalars.KEY in record else "epoch"
+        self._append([(kind, {"record": record})])
 
     def accept_many(self, records: list[dict]) -> None:
         self._append([("epoch", {"record": r}) for r in records])
@@ -156,6 +158,7 @@ class HttpSink:
         self._backoff = backoff_base
         self._failing = False
         self._orphans_checked = False
+        self.scalars = scalars.ScalarOutbox(uploader, spool, warn)
         spool.set_open(True)
         try:
             spool.write_meta(uploader.run, server_url)
@@ -170,6 +173,9 @@ class HttpSink:
         )
 
     def accept(self, record: dict) -> None:
+        if scalars.KEY in record:
+            self.scalars.accept(record)
+            return
         self.accept_many([record])
 
     def accept_many(self, records: list[dict]) -> None:
@@ -215,6 +221,9 @@ class HttpSink:
 
     def spill(self, record: dict) -> None:
         """Called on the training thread when the queue is full: disk only, picked up later."""
+        if scalars.KEY in record:
+            self.scalars.accept(record)
+            return
         try:
             self.spool.write_epoch(record)
             self.spilled = True
@@ -230,7 +239,8 @@ class HttpSink:
         self.status = status
 
     def next_attempt_in(self) -> float | None:
-        if self.refused or (not self.pending and not self.status and not self.spilled):
+        idle = not self.pending and not self.scalars.pending
+        if self.refused or (idle and not self.status and not self.spilled):
             return None
         now = time.monotonic()
         batch_due = (self._first_pending_at or now) + self.batch_wait
@@ -258,6 +268,7 @@ class HttpSink:
                         if self.pending.get(epoch) is record:  # not replaced meanwhile
                             del self.pending[epoch]
                             self._acknowledged(epoch)
+            self.scalars.send(timeout)
             if self.status:
                 self.uploader.send_status(self.status, timeout=timeout)
                 self.spool.clear_status()
@@ -346,6 +357,7 @@ class HttpSink:
             if not self.spilled
             else max(len(self.pending), self.spool.pending_epochs())
         )
+        pending += len(self.scalars.pending)
         return DeliveryReport(pending, self.status is not None, str(self.spool.dir))
 
 
@@ -460,6 +472,8 @@ class DeliveryWorker:
             if isinstance(item, str):  # the final status, after the epochs before it
                 self._accept_epochs(epochs)
                 epochs = []
+                self._handle(item, self.sink.accept)
+            elif isinstance(item, scalars.ScalarsItem):  # its own path (not an epoch)
                 self._handle(item, self.sink.accept)
             else:
                 epochs.append(item)
