@@ -144,3 +144,8 @@ def compare_table(
     per_run = [{s.name: s for s in summaries(session, rid)} for rid in run_ids]
     names = sorted({n for run in per_run for n in run})
     return names, {n: [run.get(n) for run in per_run] for n in names}
+
+
+def fmt_scalar(value: float | None) -> str:
+    """4 significant digits (17.23, 0.8312, 1.2e+04); "–" for none (the pages' `scalar` filter)."""
+    return "–" if value is None else f"{value:.4g}"
