@@ -4,11 +4,11 @@
 commits (a refused batch announces nothing). At commit the transitions are worked out (an
 episode is announced once it has lasted `webhook_min_epochs` epochs; its close only if its open
 was announced; re-reading history - late epochs, a new threshold - announces nothing) and handed
-to the `Dispatcher`: a bounded queue (`put_nowait`: a full queue drops and counts, ingest never
-waits) and one daemon thread that POSTs to every configured URL with capped exponential backoff
-(honouring `Retry-After`; no retry on a 4xx other than 408/429), as in sentry-python's
-`worker.py`. A cooldown per (run, kind, task) keeps a flapping ratio from spamming. Failures
-are logged and counted in `/health`.
+to the `Dispatcher`, which applies a cooldown per (run, kind, task) so that a flapping ratio
+does not spam. Each URL has its own `Lane`, as in sentry-python's `worker.py`: a bounded queue
+(`put_nowait`: a full queue drops and counts, ingest never waits) and a daemon thread that
+POSTs with capped exponential backoff (honouring `Retry-After`; no retry on a 4xx other than
+408/429); a slow receiver delays only itself. Failures are logged and counted in `/health`.
 """
 
 from __future__ import annotations
@@ -124,62 +124,112 @@ def json_body(ev: AlertEvent) -> dict[str, Any]:
 
 @dataclass
 class Delivery:
-    target: WebhookTarget
     event: AlertEvent
     attempts: int = 0
 
 
 class Dispatcher:
-    """The queue, its daemon thread, and the delivery figures shown on /health."""
+    """Decides what is announced (the cooldown) and hands it to one `Lane` per URL, so that a
+    slow or dead receiver delays only its own announcements. Its figures go to /health."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.base_url = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip(
-            "/"
-        )
+        base = settings.public_url or f"http://{settings.host}:{settings.port}"
+        self.base_url = base.rstrip("/")
+        self.lanes = [Lane(t, settings) for t in settings.webhooks]
+        self._lock = threading.Lock()
+        self._last_opened: dict[tuple[str, str, str | None], float] = {}
+        self._quiet: set[tuple[str, str, str | None, int]] = set()
+        self.suppressed = 0
+
+    def submit(self, events: list[AlertEvent]) -> None:
+        """Called after a commit on the request's thread: never blocks (see `Lane.put`)."""
+        for ev in events:
+            if self._announce(ev):
+                for lane in self.lanes:
+                    if ev.kind in lane.target.kinds:
+                        lane.put(ev)
+
+    def _announce(self, ev: AlertEvent) -> bool:
+        """False within the cooldown after an announced open of the same run, kind and task
+        (and then for that episode's close too): a flapping rule stays quiet."""
+        key = (ev.run_id, ev.kind, ev.task)
+        episode = (*key, ev.opened_epoch)
+        now = time.monotonic()
+        with self._lock:
+            if ev.event == "opened":
+                last = self._last_opened.get(key)
+                if last is not None and now - last < self.settings.webhook_cooldown_s:
+                    self._quiet.add(episode)
+                    self.suppressed += 1
+                    return False
+                self._last_opened[key] = now
+            elif episode in self._quiet:
+                self._quiet.discard(episode)
+                self.suppressed += 1
+                return False
+        return True
+
+    def status(self) -> dict[str, Any]:
+        lanes = [lane.status() for lane in self.lanes]
+        total = {k: sum(lane[k] for lane in lanes) for k in (*COUNTS, "queued", "retrying")}
+        errors = [lane["last_error"] for lane in lanes if lane["last_error"]]
+        return {
+            "status": "failing" if any(lane["failing"] for lane in lanes) else "ok",
+            "urls": len(lanes),
+            **total,
+            "suppressed": self.suppressed,
+            "last_error": max(errors, key=lambda e: e["at"]) if errors else None,
+        }
+
+    def close(self, timeout: float = 2.0) -> None:
+        for lane in self.lanes:
+            lane.close(timeout / max(1, len(self.lanes)))
+
+
+COUNTS = ("sent", "failed", "retried", "dropped")
+
+
+class Lane:
+    """One URL: a bounded queue, a daemon thread, a heap of retries (capped exponential
+    backoff, honouring Retry-After; no retry on a 4xx other than 408/429)."""
+
+    def __init__(self, target: WebhookTarget, settings: Settings) -> None:
+        self.target, self.settings = target, settings
         self._queue: queue.Queue[AlertEvent | None] = queue.Queue(settings.webhook_queue_size)
         self._retries: list[tuple[float, int, Delivery]] = []
         self._seq = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._last_opened: dict[tuple[str, str, str | None], float] = {}
-        self._quiet: set[tuple[str, str, str | None, int]] = set()
-        self.counts = {"sent": 0, "failed": 0, "retried": 0, "dropped": 0, "suppressed": 0}
+        self.counts = dict.fromkeys(COUNTS, 0)
         self.last_error: dict[str, Any] | None = None
-        self._last_ok_at = 0.0
+        self._failing = False
 
-    # ------------------------------------------------------------ ingest side (never blocks)
-
-    def submit(self, events: list[AlertEvent]) -> None:
-        self._ensure_thread()
-        for ev in events:
-            try:
-                self._queue.put_nowait(ev)
-            except queue.Full:
-                self.counts["dropped"] += 1
-                logger.warning("webhook queue full (%d): dropped %s %s alert of run %s",
-                               self._queue.maxsize, ev.event, ev.kind, ev.run_id)  # fmt: skip
-
-    def _ensure_thread(self) -> None:
+    def put(self, ev: AlertEvent) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="gradwatch-webhooks", daemon=True
                 )
                 self._thread.start()
+        try:
+            self._queue.put_nowait(ev)
+        except queue.Full:
+            self.counts["dropped"] += 1
+            logger.warning("webhook %s: queue full (%d), dropped the %s %s alert of run %s",
+                           self.target.url, self._queue.maxsize, ev.event, ev.kind,
+                           ev.run_id)  # fmt: skip
 
     def status(self) -> dict[str, Any]:
-        failing = self.last_error is not None and self.last_error["at"] >= self._last_ok_at
         return {
-            "status": "failing" if failing else "ok",
-            "urls": len(self.settings.webhooks),
+            **self.counts,
             "queued": self._queue.qsize(),
             "retrying": len(self._retries),
-            **self.counts,
+            "failing": self._failing,
             "last_error": self.last_error,
         }
 
-    def close(self, timeout: float = 2.0) -> None:
+    def close(self, timeout: float) -> None:
         """Stop the thread; what is still queued or waiting to retry is logged, not sent."""
         if self._thread is not None and self._thread.is_alive():
             try:
@@ -189,9 +239,8 @@ class Dispatcher:
             self._thread.join(timeout)
         left = self._queue.qsize() + len(self._retries)
         if left:
-            logger.warning("webhooks: %d announcement(s) not delivered at shutdown", left)
-
-    # ------------------------------------------------------------ the thread
+            logger.warning("webhook %s: %d announcement(s) not delivered at shutdown",
+                           self.target.url, left)  # fmt: skip
 
     def _run(self) -> None:
         while True:
@@ -199,32 +248,12 @@ class Dispatcher:
             try:
                 ev = self._queue.get(timeout=None if wait is None else max(0.0, wait))
             except queue.Empty:
-                ev = None
                 self._retry_due()
                 continue
             if ev is None:
                 return
-            for delivery in self._fan_out(ev):
-                self._attempt(delivery)
+            self._attempt(Delivery(ev))
             self._retry_due()
-
-    def _fan_out(self, ev: AlertEvent) -> list[Delivery]:
-        """The deliveries of one event, after the cooldown (a flapping rule stays quiet)."""
-        key = (ev.run_id, ev.kind, ev.task)
-        episode = (*key, ev.opened_epoch)
-        now = time.monotonic()
-        if ev.event == "opened":
-            last = self._last_opened.get(key)
-            if last is not None and now - last < self.settings.webhook_cooldown_s:
-                self._quiet.add(episode)
-                self.counts["suppressed"] += 1
-                return []
-            self._last_opened[key] = now
-        elif episode in self._quiet:
-            self._quiet.discard(episode)
-            self.counts["suppressed"] += 1
-            return []
-        return [Delivery(t, ev) for t in self.settings.webhooks if ev.kind in t.kinds]
 
     def _retry_due(self) -> None:
         while self._retries and self._retries[0][0] <= time.monotonic():
@@ -232,11 +261,11 @@ class Dispatcher:
 
     def _attempt(self, d: Delivery) -> None:
         d.attempts += 1
-        body = slack_body(d.event) if d.target.format == "slack" else json_body(d.event)
+        body = slack_body(d.event) if self.target.format == "slack" else json_body(d.event)
         retry_after: float | None = None
         try:
             request = urllib.request.Request(
-                d.target.url,
+                self.target.url,
                 data=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json", "User-Agent": "gradwatch-webhooks"},
                 method="POST",
@@ -244,7 +273,7 @@ class Dispatcher:
             with urllib.request.urlopen(request, timeout=self.settings.webhook_timeout_s):
                 pass
             self.counts["sent"] += 1
-            self._last_ok_at = time.time()
+            self._failing = False
             return
         except urllib.error.HTTPError as exc:
             error, retryable = f"HTTP {exc.code}", exc.code in (408, 429) or exc.code >= 500
@@ -254,7 +283,9 @@ class Dispatcher:
         self._failed(d, error, retryable, retry_after)
 
     def _failed(self, d: Delivery, error: str, retryable: bool, retry_after: float | None) -> None:
-        self.last_error = {"url": d.target.url, "error": error, "at": time.time()}
+        self._failing = True
+        self.last_error = {"url": self.target.url, "error": error, "at": time.time()}
+        url, ev = self.target.url, d.event
         if retryable and d.attempts < self.settings.webhook_max_attempts:
             s = self.settings
             delay = min(s.webhook_backoff_cap_s, s.webhook_backoff_s * 2 ** (d.attempts - 1))
@@ -264,11 +295,11 @@ class Dispatcher:
             self._seq += 1
             heapq.heappush(self._retries, (time.monotonic() + delay, self._seq, d))
             logger.warning("webhook %s failed (%s); retry %d in %.1fs",
-                           d.target.url, error, d.attempts, delay)  # fmt: skip
+                           url, error, d.attempts, delay)  # fmt: skip
             return
         self.counts["failed"] += 1
         logger.error("webhook %s failed (%s) after %d attempt(s); %s alert of run %s not sent",
-                     d.target.url, error, d.attempts, d.event.kind, d.event.run_id)  # fmt: skip
+                     url, error, d.attempts, ev.kind, ev.run_id)  # fmt: skip
 
 
 def _retry_after(value: str | None) -> float | None:

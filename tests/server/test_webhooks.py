@@ -156,6 +156,17 @@ def test_receivers_down_slow_and_failing_never_hold_up_ingest(
     assert not any("/slow" in m for m in failures)
 
 
+def test_a_slow_receiver_does_not_delay_the_others(migrated_url: str, receiver: Receiver) -> None:
+    targets = [WebhookTarget(url=f"{receiver.url}/slow"), WebhookTarget(url=f"{receiver.url}/ok")]
+    with app_client(migrated_url, targets, webhook_timeout_s=30) as client:
+        run = make_run(client)
+        ingest(client, run["id"], [epoch(0, HIGH), epoch(1, LOW)])
+        wait_for(lambda: len(receiver.bodies("/ok")) == 2)
+        assert not receiver.release.is_set()  # /slow still holds its first request
+        assert len(receiver.bodies("/slow")) == 1
+        receiver.release.set()
+
+
 def test_a_full_queue_drops_and_counts(migrated_url: str, receiver: Receiver) -> None:
     targets = [WebhookTarget(url=f"{receiver.url}/slow")]
     hold = {"webhook_queue_size": 1, "webhook_cooldown_s": 0, "webhook_timeout_s": 30}
