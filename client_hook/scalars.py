@@ -7,6 +7,7 @@ refuses (a 4xx) is warned once and dropped: metrics never stop the gradient reco
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from client_hook.spool import RunSpool, _atomic_write, _unlink, dumps
 NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,100}$")  # as the server's schemas.ScalarName
 MAX_PER_REQUEST = 500
 KEY = "scalars"  # a record with this key is a scalars record, not an epoch
+_FILES = itertools.count()  # file names written by this process stay distinct
 
 
 class ScalarsItem:
@@ -66,10 +68,11 @@ class ScalarOutbox:
     def accept(self, record: dict) -> None:
         if not record[KEY]:
             return
-        path: Path | None = spool_path(self.spool)
+        target = spool_path(self.spool)
+        path: Path | None = target
         try:
             self.spool.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, dumps(record))
+            _atomic_write(target, dumps(record))
         except OSError as exc:
             path = None
             self.warn("scalars-spool", f"gradwatch: cannot spool metrics ({exc}); kept in memory")
@@ -88,7 +91,7 @@ class ScalarOutbox:
 
 
 def spool_path(spool: RunSpool) -> Path:
-    return spool.dir / f"scalars-{time.time_ns():020d}-{os.getpid()}.json"
+    return spool.dir / f"scalars-{time.time_ns():020d}-{os.getpid()}-{next(_FILES):06d}.json"
 
 
 def send(

@@ -49,18 +49,18 @@ class Settings(BaseSettings):
     """Default and upper bound of points per trace the dashboard asks for."""
     webhooks: list[WebhookTarget] = []
     """Alert webhooks, as JSON: `[{"url": "https://...", "format": "slack", "kinds": [...]}]`."""
-    webhook_min_epochs: int = Field(1, ge=1)
+    webhook_min_epochs: int = Field(default=1, ge=1)
     """An alert episode is announced once it has lasted this many epochs (shorter: never)."""
-    webhook_cooldown_s: float = Field(600.0, ge=0)
+    webhook_cooldown_s: float = Field(default=600.0, ge=0)
     """After announcing an episode, a new one of the same run, kind and task within this many
     seconds is not announced (nor its close): a ratio flapping around the threshold is quiet."""
-    webhook_queue_size: int = Field(1000, ge=1)
+    webhook_queue_size: int = Field(default=1000, ge=1)
     """Announcements waiting for delivery; beyond it new ones are dropped (logged, counted)."""
-    webhook_timeout_s: float = Field(5.0, gt=0)
-    webhook_max_attempts: int = Field(5, ge=1)
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=5, ge=1)
     """Attempts per announcement and URL (capped exponential backoff between them)."""
-    webhook_backoff_s: float = Field(1.0, gt=0)
-    webhook_backoff_cap_s: float = Field(60.0, gt=0)
+    webhook_backoff_s: float = Field(default=1.0, gt=0)
+    webhook_backoff_cap_s: float = Field(default=60.0, gt=0)
     public_url: str | None = None
     """The server's address as users reach it, for links in announcements (default from
     host and port)."""
