@@ -131,6 +131,21 @@ def deliver_spooled(spool: RunSpool, uploader: RunUploader) -> int:
     return len(records)
 
 
+def read_local(path: Path | str) -> list[dict]:
+    """The scalars records of a local run file (`FileSink`), for `gradwatch import`."""
+    with open(path, encoding="utf-8") as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    return [dict(i["record"]) for i in items if i.get("kind") == KEY]
+
+
+def upload_local(path: Path | str, uploader: RunUploader) -> int:
+    """Send a local run file's scalars records (synchronously); returns how many."""
+    records = read_local(path)
+    for i in range(0, len(records), MAX_PER_REQUEST):
+        send(uploader, records[i : i + MAX_PER_REQUEST], _log, None)
+    return len(records)
+
+
 def json_load(path: Path) -> dict:
     return dict(json.loads(path.read_text(encoding="utf-8")))
 

@@ -255,7 +255,7 @@ class LocalRunFile:
                         epochs[int(item["record"]["epoch"])] = dict(item["record"])
                     elif kind == "status":
                         status = str(item["status"])
-                    elif kind == "scalars":  # metrics: not uploaded by `gradwatch import` yet
+                    elif kind == "scalars":  # client_hook.scalars.read_local reads them
                         continue
                     else:
                         raise ValueError(f"unknown record kind {kind!r}")

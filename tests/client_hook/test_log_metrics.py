@@ -5,6 +5,8 @@ warned, not raised."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from client_hook import GradMonitor, GradwatchWarning
 from client_hook.api import ApiClient, RunUploader, deliver_spool
 from client_hook.scalars import ScalarOutbox, ScalarsItem, spool_path
 from client_hook.spool import RunSpool, dumps
-from tests.support import ServerProcess
+from tests.support import REPO_ROOT, ServerProcess
 
 
 def series(url: str, run_id: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -109,3 +111,22 @@ def test_sync_delivers_metrics_left_in_a_spool(live_server: ServerProcess, tmp_p
     deliver_spool(spool, None, None)
     assert series(live_server.url, run["id"]) == {"test_rmse": ([0], [21.0])}
     assert not spool.dir.exists() or not list(spool.dir.glob("scalars-*.json"))
+
+
+def test_import_of_a_local_run_file_sends_its_metrics(
+    live_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GRADWATCH_URL", raising=False)  # no server: the local run file
+    run_file = tmp_path / "run.jsonl"
+    monitor = GradMonitor(SHARED, ["rul", "health"], run_name="local", local_path=run_file)
+    train(monitor, 2, [22.0, 18.5])
+    monitor.close(timeout=10)
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "import", str(run_file), "--server", live_server.url],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert series(live_server.url, monitor.run_id)["test_rmse"] == ([0, 1], [22.0, 18.5])
