@@ -185,6 +185,9 @@ def deliver_spool(spool: RunSpool, url: str | None, token: str | None) -> tuple[
     status = spool.read_status() or "crashed"
     uploader = RunUploader(ApiClient(target, token), meta["run"])
     accepted, duplicates = upload(uploader, spool.load_epochs(files), status)
+    from client_hook import scalars  # it builds on this module
+
+    scalars.deliver_spooled(spool, uploader)
     spool.remove_files(path for path, _ in files)  # the files read: not one written since
     spool.clear_status()
     spool.discard()

@@ -28,6 +28,7 @@ from client_hook.api import TOKEN_ENV, URL_ENV, ApiClient, RunUploader, check_ur
 from client_hook.distributed import global_batch_reducer
 from client_hook.engine import ParamGroups, StepSample
 from client_hook.measure import StepMeasurer
+from client_hook.scalars import ScalarsItem
 from client_hook.spool import RunSpool, default_spool_dir
 from client_hook.transport import DeliveryReport, DeliveryWorker, FileSink, HttpSink, WarnOnce
 
@@ -347,6 +348,15 @@ class GradMonitor:
         if self._worker is not None and not self._closed:
             self._worker.submit(record)
         return index
+
+    def log_metrics(self, values: Mapping[str, Number], epoch: int | None = None) -> None:
+        """Record evaluation metrics of an epoch (e.g. ``{"test_rmse": 17.2}``; floats or
+        tensors), shown on the dashboard next to the gradient balance. ``epoch`` defaults to
+        the last ended one. Delivered like epochs (spooled, retried, never twice); never blocks."""
+        if self._worker is None or self._closed:
+            return
+        index = max(self.epoch - 1, 0) if epoch is None else int(epoch)
+        self._worker.submit(ScalarsItem(index, dict(values), self.warn))
 
     def _record(self, index: int) -> dict:
         samples, self._samples = self._samples, []

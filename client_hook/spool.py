@@ -339,6 +339,8 @@ class LocalRunFile:
                         epochs[int(item["record"]["epoch"])] = dict(item["record"])
                     elif kind == "status":
                         status = str(item["status"])
+                    elif kind == "scalars":  # client_hook.scalars.read_local reads them
+                        continue
                     else:
                         raise ValueError(f"unknown record kind {kind!r}")
                 except (ValueError, KeyError, TypeError) as exc:

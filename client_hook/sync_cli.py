@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from client_hook import scalars
 from client_hook.api import (
     TOKEN_ENV,
     URL_ENV,
@@ -81,6 +82,7 @@ def _import(path: Path, url: str | None, token: str | None) -> int:
     try:
         uploader = RunUploader(ApiClient(url, token), run_payload)
         accepted, duplicates = upload(uploader, records, status or "crashed")
+        scalars.upload_local(path, uploader)
     except DeliveryError as exc:
         return _fail(f"upload to {url} failed: {exc}")
     print(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from client_hook import scalars
 from client_hook.api import MAX_BATCH, RefusedError, RetryableError, RunUploader, deliver_spool
 from client_hook.spool import EpochJournal, LocalRunFile, RunSpool, write_all
 
@@ -114,6 +115,9 @@ class FileSink:
     def write_ahead(self, record: dict) -> None:
         self._append([("epoch", {"record": record})])
 
+    def accept_scalars(self, record: dict) -> None:
+        self._append([(scalars.KEY, {"record": record})])
+
     def accept_written(self, items: list[tuple[dict, Any]]) -> None:
         with self._lock:
             fd, dirty, self._dirty = self._fd, self._dirty, False
@@ -185,6 +189,7 @@ class HttpSink:
         self._orphans_checked = False
         self._next_beat_at = time.monotonic() + (heartbeat_interval or 0.0)
         self._beats_stopped = heartbeat_interval is None
+        self.scalars = scalars.ScalarOutbox(uploader, spool, warn)
         spool.set_open(True)
         try:
             spool.write_meta(uploader.run, server_url)
@@ -197,6 +202,9 @@ class HttpSink:
             f"gradwatch: cannot write the spool {self.spool.dir} ({exc}); "
             "undelivered epochs are kept in memory only",
         )
+
+    def accept_scalars(self, record: dict) -> None:
+        self.scalars.accept(record)  # spooled (one file, fsync) on the delivery thread
 
     def write_ahead(self, record: dict) -> Path | None:
         """On the training thread: append `record` to the spool (no fsync); the file, or None
@@ -260,7 +268,7 @@ class HttpSink:
         self.status = status
 
     def next_attempt_in(self) -> float | None:
-        if self.refused or (not self.pending and not self.status):
+        if self.refused or (not self.pending and not self.scalars.pending and not self.status):
             return None
         now = time.monotonic()
         batch_due = (self._first_pending_at or now) + self.batch_wait
@@ -286,6 +294,8 @@ class HttpSink:
                         if self.pending.get(epoch) is record:  # not replaced meanwhile
                             del self.pending[epoch]
                             self._acknowledged(epoch)
+            self.scalars.send(timeout)
+            self.scalars.send(timeout)
             if self.status:
                 self.uploader.send_status(self.status, timeout=timeout)
                 self.spool.clear_status()
@@ -383,7 +393,7 @@ class HttpSink:
     def report(self) -> DeliveryReport:
         self.spool.set_open(False)  # asked at close: from now on `gradwatch sync` may take over
         with self._lock:
-            pending = len(self.pending)
+            pending = len(self.pending) + len(self.scalars.pending)
         return DeliveryReport(pending, self.status is not None, str(self.spool.dir))
 
 
@@ -439,8 +449,9 @@ class DeliveryWorker:
             self._thread = thread
 
     def submit(self, item: EpochItem | dict | str) -> None:
-        """Queue an epoch (written to disk here first) or the final status; never raises."""
-        if not isinstance(item, str):
+        """Queue an epoch (written to disk here first), evaluation metrics (`scalars`, spooled
+        by the delivery thread) or the final status; never raises."""
+        if not isinstance(item, (str, scalars.ScalarsItem)):
             try:
                 record = item if isinstance(item, dict) else item.to_record()
                 item = (record, self.sink.write_ahead(record))  # type: ignore[assignment]
@@ -499,6 +510,8 @@ class DeliveryWorker:
                 self._accept(epochs)
                 epochs = []
                 self._accept_status(item)
+            elif isinstance(item, scalars.ScalarsItem):
+                self._accept_scalars(item)
             else:
                 epochs.append(item)
         self._accept(epochs)
@@ -512,6 +525,12 @@ class DeliveryWorker:
             self.warn("accept", f"gradwatch: could not queue epochs for sending ({exc!r})")
         if epochs:
             self._forward([record for record, _ in epochs])
+
+    def _accept_scalars(self, item: scalars.ScalarsItem) -> None:
+        try:
+            self.sink.accept_scalars(item.to_record())
+        except Exception as exc:  # noqa: BLE001 - never raise into the training loop
+            self.warn("scalars", f"gradwatch: could not record metrics ({exc!r}); skipped")
 
     def _accept_status(self, status: str) -> None:
         try:

@@ -47,7 +47,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from server import models
+from server import models, webhooks
 from server.models import utcnow
 
 CONFLICT_EPOCHS = 3
@@ -370,6 +370,7 @@ def _write(session: Session, run_id: uuid.UUID, episodes: list[Episode]) -> tupl
             elif newly_closed or row.closed_at is None:
                 row.closed_at = now
     session.flush()
+    webhooks.notify(session, run_id, episodes)  # announced once the transaction commits
     return opened, closed
 
 

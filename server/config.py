@@ -4,10 +4,24 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+AlertKindName = Literal["imbalance", "non_finite", "weight_collapse", "conflict"]
+ALERT_KINDS: list[AlertKindName] = ["imbalance", "non_finite", "weight_collapse", "conflict"]
+
+
+class WebhookTarget(BaseModel):
+    """One alert webhook (see server.webhooks)."""
+
+    url: str = Field(pattern=r"^https?://")
+    format: Literal["slack", "json"] = "json"
+    """`slack`: `{"text": ...}` (Slack, Mattermost, Teams workflows); `json`: every field."""
+    kinds: list[AlertKindName] = ALERT_KINDS
+    """The alert kinds sent to this URL."""
 
 
 class Settings(BaseSettings):
@@ -33,6 +47,23 @@ class Settings(BaseSettings):
     """Runs with more tasks than this are refused with 422."""
     max_points: int = 2000
     """Default and upper bound of points per trace the dashboard asks for."""
+    webhooks: list[WebhookTarget] = []
+    """Alert webhooks, as JSON: `[{"url": "https://...", "format": "slack", "kinds": [...]}]`."""
+    webhook_min_epochs: int = Field(default=1, ge=1)
+    """An alert episode is announced once it has lasted this many epochs (shorter: never)."""
+    webhook_cooldown_s: float = Field(default=600.0, ge=0)
+    """After announcing an episode, a new one of the same run, kind and task within this many
+    seconds is not announced (nor its close): a ratio flapping around the threshold is quiet."""
+    webhook_queue_size: int = Field(default=1000, ge=1)
+    """Announcements waiting for delivery; beyond it new ones are dropped (logged, counted)."""
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=5, ge=1)
+    """Attempts per announcement and URL (capped exponential backoff between them)."""
+    webhook_backoff_s: float = Field(default=1.0, gt=0)
+    webhook_backoff_cap_s: float = Field(default=60.0, gt=0)
+    public_url: str | None = None
+    """The server's address as users reach it, for links in announcements (default from
+    host and port)."""
 
 
 @lru_cache

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
+from server import webhooks
 from server.config import Settings, asset_dir, get_settings
 from server.db import create_db_engine, make_session_factory
 from server.errors import install_handlers
@@ -57,7 +58,7 @@ def _with_non_finite_docs(app: FastAPI) -> Callable[[], dict[str, Any]]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: GRADWATCH_* variables). Migrations are not run here:
     `gradwatch serve` (and the tests) run `server.db.run_migrations` first."""
-    from server.routes import api, api_docs, login, pages, stream
+    from server.routes import api, api_docs, login, pages, scalars, stream
 
     settings = settings or get_settings()
     engine = create_db_engine(settings.database_url)
@@ -65,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        if app.state.webhooks is not None:
+            app.state.webhooks.close()
         engine.dispose()
 
     app = FastAPI(
@@ -78,9 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.webhooks = webhooks.install(app.state.session_factory, settings)
     app.openapi = _with_non_finite_docs(app)  # type: ignore[method-assign]
     install_handlers(app)
     app.include_router(api.router)
+    app.include_router(scalars.router)
     app.include_router(pages.router)
     app.include_router(stream.router)
     login.install(app)  # /login, /logout, and the form for LoginRequired

@@ -266,3 +266,17 @@ class Alert(Base):
     message: Mapped[str] = mapped_column(sa.String(500))
     opened_at: Mapped[datetime] = mapped_column(UtcDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class EpochScalar(Base):
+    """One named scalar of one epoch that the training script logged itself (an evaluation
+    metric such as test RMSE), next to the gradient statistics (see server.scalars)."""
+
+    __tablename__ = "epoch_scalar"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("run.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
+    epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    value: Mapped[float | None] = mapped_column(FloatNaN)

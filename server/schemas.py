@@ -272,3 +272,46 @@ class Health(ApiModel):
     status: str
     database: str
     version: str
+    webhooks: dict[str, Any] | None = Field(
+        None, description="Alert webhook delivery figures; absent when none is configured."
+    )
+
+
+# ---------------------------------------------------------------- scalars (server.scalars)
+
+ScalarName = Annotated[
+    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:/-]+$")
+]
+
+
+class ScalarRecord(ApiModel):
+    epoch: int = Field(ge=0, le=2**31 - 1)
+    values: dict[ScalarName, float] = Field(
+        min_length=1,
+        max_length=64,
+        description="Name -> value. Names: letters, digits and `_ . : / -`, at most 100.",
+    )
+
+
+class ScalarBatch(ApiModel):
+    """POST /api/runs/{id}/scalars: named scalars per epoch (evaluation metrics), stored in one
+    transaction. Idempotent: a value already stored identically is a duplicate; a different
+    value for a stored (epoch, name) is a conflict (409, nothing stored)."""
+
+    records: list[ScalarRecord] = Field(min_length=1, max_length=10_000)
+
+
+class ScalarIngestResult(ApiModel):
+    accepted: int
+    duplicates: int
+
+
+class ScalarSeries(ApiModel):
+    name: str
+    epochs: list[int]
+    values: list[float | None]
+
+
+class ScalarsRead(ApiModel):
+    run_id: uuid.UUID
+    series: list[ScalarSeries] = Field(description="One per name, names sorted; epochs ascending.")

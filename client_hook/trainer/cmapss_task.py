@@ -96,7 +96,7 @@ class CmapssProblem:
         self.model.train()
         rmse = torch.sqrt(F.mse_loss(outputs["rul"].squeeze(-1), self.test_rul))
         accuracy = (outputs["health"].argmax(1) == self.test_health).float().mean()
-        return {"rmse": float(rmse), "health_accuracy": float(accuracy)}
+        return {"test_rmse": float(rmse), "health_accuracy": float(accuracy)}
 
     def initial_loss_hint(self) -> dict[str, float]:
         """log(C) for the C-class health task (GradNorm paper, footnote 2)."""

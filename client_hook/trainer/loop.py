@@ -246,7 +246,8 @@ def _run_epoch(
     metrics = problem.evaluate()
     if monitor is not None:
         extra = {} if balancer_loss_sum is None else {"balancer_loss": balancer_loss_sum / steps}
-        monitor.end_epoch(total_loss=total_sum / max(steps, 1), **extra)
+        index = monitor.end_epoch(total_loss=total_sum / max(steps, 1), **extra)
+        monitor.log_metrics(metrics, epoch=index)  # shown next to the gradient balance
         # the number the dashboard shows for this epoch, so that both always agree
         ratio = monitor.last_record.get("grad_norm_ratio")
     else:

@@ -84,7 +84,10 @@ def health(session: SessionDep, request: Request) -> Any:
         session.execute(sa.text("SELECT 1"))
     except sa.exc.OperationalError:
         return JSONResponse({"error": "database unavailable", "detail": kind}, status_code=503)
-    return schemas.Health(status="ok", database=kind, version=app_version())
+    hooks = request.app.state.webhooks
+    return schemas.Health(
+        status="ok", database=kind, version=app_version(), webhooks=hooks and hooks.status()
+    )
 
 
 # ---------------------------------------------------------------- runs

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 
-from server import charts, compare_charts, compare_table, queries, verdict
+from server import charts, compare_charts, compare_table, queries, scalars, verdict
 from server.config import Settings, get_settings
 from server.db import SessionDep
 from server.errors import InvalidInput, RunNotFound
@@ -105,6 +105,7 @@ templates.env.filters.update(
     ratio=fmt_ratio, ratio_class=ratio_class, when=fmt_when, peak=fmt_peak, number=fmt_number,
     percent=fmt_percent,
 )  # fmt: skip
+templates.env.filters.update(scalar=scalars.fmt_scalar)
 
 
 def json_bytes_for_script(data: Any) -> bytes:
@@ -282,6 +283,7 @@ def run_page(request: Request, session: SessionDep, run_id: str) -> HTMLResponse
         shown_epochs=data["shown_epochs"],
         chart_keys=list(data["figures"]),
         config_json=json.dumps(run.config, indent=2, sort_keys=True, default=str),
+        scalars=scalars.summaries(session, rid),
     )  # fmt: skip
 
 
@@ -330,6 +332,7 @@ def compare_page(
             downsampled=any(m.downsampled for _, m in pairs),
             max_points=max_points,
         )
+        context["scalar_names"], context["scalar_rows"] = scalars.compare_table(session, ids)
     choices = queries.list_runs(session, limit=COMPARE_CHOICES).runs
     missing = [r for r in selected if r.id not in {c.id for c in choices}]
     context["choices"] = missing + choices

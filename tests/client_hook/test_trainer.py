@@ -74,7 +74,7 @@ def test_cmapss_reports_rmse_and_health_accuracy(cmapss_dir: Path, tmp_path: Pat
         progress=False,
     )
     result = train(config, out=open(tmp_path / "log", "w"))
-    assert result.final.metrics["rmse"] > 0
+    assert result.final.metrics["test_rmse"] > 0
     assert 0.0 <= result.final.metrics["health_accuracy"] <= 1.0
 
 
@@ -228,3 +228,24 @@ def test_terminal_ratio_is_the_dashboards(tmp_path: Path, monkeypatch):
     assert [r["epoch"] for r in records] == [s.epoch for s in result.history] == [0, 1, 2]
     for record, summary in zip(records, result.history, strict=True):
         assert summary.grad_norm_ratio == record["grad_norm_ratio"]
+
+
+def test_trainer_sends_its_evaluation_metrics(
+    cmapss_dir: Path, live_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import httpx
+
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(
+        dataset="cmapss",
+        method="equal",
+        data=str(cmapss_dir),
+        epochs=2,
+        server=live_server.url,
+        progress=False,
+    )
+    result = train(config, out=open(tmp_path / "log", "w"))
+    body = httpx.get(f"{live_server.url}/api/runs/{result.run_id}/scalars").json()
+    stored = {s["name"]: (s["epochs"], s["values"]) for s in body["series"]}
+    for name in ("test_rmse", "health_accuracy"):
+        assert stored[name] == ([0, 1], [e.metrics[name] for e in result.history])
