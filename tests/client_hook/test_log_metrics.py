@@ -16,7 +16,7 @@ import torch
 from client_hook import GradMonitor, GradwatchWarning
 from client_hook.api import ApiClient, RunUploader, deliver_spool
 from client_hook.scalars import ScalarOutbox, ScalarsItem, spool_path
-from client_hook.spool import RunSpool, dumps
+from client_hook.spool import EpochJournal, RunSpool, dumps
 from tests.support import REPO_ROOT, ServerProcess
 
 
@@ -106,7 +106,9 @@ def test_sync_delivers_metrics_left_in_a_spool(live_server: ServerProcess, tmp_p
     run = {"id": "0b5a3f0e-0c0e-4f3a-9a43-7a2f2b7d4e11", "name": "dead", "tasks": ["a", "b"]}
     spool = RunSpool(tmp_path, run["id"])
     spool.write_meta(run, live_server.url)
-    spool.write_epoch({"epoch": 0, "tasks": {"a": {"grad_norm": 1.0}, "b": {"grad_norm": 2.0}}})
+    journal = EpochJournal(spool)  # what a killed training process leaves: one epoch line
+    journal.append({"epoch": 0, "tasks": {"a": {"grad_norm": 1.0}, "b": {"grad_norm": 2.0}}})
+    journal.seal()
     spool_path(spool).write_text(dumps({"epoch": 0, "scalars": {"test_rmse": 21.0}}))
     deliver_spool(spool, None, None)
     assert series(live_server.url, run["id"]) == {"test_rmse": ([0], [21.0])}

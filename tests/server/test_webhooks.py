@@ -77,7 +77,7 @@ def test_alert_open_and_close_reach_both_formats(migrated_url: str, receiver: Re
         WebhookTarget(url=f"{receiver.url}/ok-slack", format="slack"),
     ]
     with app_client(migrated_url, targets) as client:
-        run = make_run(client, name="mtl-a")
+        run = make_run(client, name="mtl-a", alert_open_epochs=1, alert_close_epochs=1)
         ingest(client, run["id"], [epoch(0, LOW), epoch(1, HIGH), epoch(2, HIGH)])
         ingest(client, run["id"], [epoch(3, LOW)])
         wait_for(lambda: len(receiver.requests) == 4)
@@ -96,7 +96,7 @@ def test_alert_open_and_close_reach_both_formats(migrated_url: str, receiver: Re
 def test_only_the_configured_kinds_are_sent(migrated_url: str, receiver: Receiver) -> None:
     targets = [WebhookTarget(url=f"{receiver.url}/ok", kinds=["non_finite"])]
     with app_client(migrated_url, targets) as client:
-        run = make_run(client)
+        run = make_run(client, alert_open_epochs=1, alert_close_epochs=1)
         ingest(client, run["id"], [epoch(0, HIGH), epoch(1, {"rul": "NaN", "health": 1.0})])
         wait_for(lambda: len(receiver.requests) == 1)
         client.get("/health")
@@ -107,7 +107,7 @@ def test_flapping_ratio_is_announced_once_per_cooldown(
     migrated_url: str, receiver: Receiver
 ) -> None:
     with app_client(migrated_url, [WebhookTarget(url=f"{receiver.url}/ok")]) as client:
-        run = make_run(client)
+        run = make_run(client, alert_open_epochs=1, alert_close_epochs=1)
         for n in range(8):  # opens at 0, 2, 4, 6; closes at 1, 3, 5, 7
             ingest(client, run["id"], [epoch(n, HIGH if n % 2 == 0 else LOW)])
         wait_for(lambda: health(client)["suppressed"] == 6)
@@ -117,7 +117,7 @@ def test_flapping_ratio_is_announced_once_per_cooldown(
 def test_minimum_episode_length_setting(migrated_url: str, receiver: Receiver) -> None:
     target = [WebhookTarget(url=f"{receiver.url}/ok")]
     with app_client(migrated_url, target, webhook_min_epochs=3) as client:
-        run = make_run(client)
+        run = make_run(client, alert_open_epochs=1, alert_close_epochs=1)
         ingest(client, run["id"], [epoch(0, HIGH), epoch(1, HIGH), epoch(2, LOW)])  # 2 epochs
         ingest(client, run["id"], [epoch(3, HIGH), epoch(4, HIGH)])
         ingest(client, run["id"], [epoch(5, HIGH)])  # the 3rd epoch of this one
@@ -136,7 +136,7 @@ def test_receivers_down_slow_and_failing_never_hold_up_ingest(
     ]
     caplog.set_level(logging.WARNING, logger="gradwatch.webhooks")
     with app_client(migrated_url, targets, webhook_max_attempts=3) as client:
-        run = make_run(client)
+        run = make_run(client, alert_open_epochs=1, alert_close_epochs=1)
         r = ingest(client, run["id"], [epoch(0, HIGH)])
         assert r.status_code == 200 and r.json()["alerts_opened"] == 1
         # the slow receiver holds its first request; ingest has answered all the same
@@ -159,7 +159,7 @@ def test_receivers_down_slow_and_failing_never_hold_up_ingest(
 def test_a_slow_receiver_does_not_delay_the_others(migrated_url: str, receiver: Receiver) -> None:
     targets = [WebhookTarget(url=f"{receiver.url}/slow"), WebhookTarget(url=f"{receiver.url}/ok")]
     with app_client(migrated_url, targets, webhook_timeout_s=30) as client:
-        run = make_run(client)
+        run = make_run(client, alert_open_epochs=1, alert_close_epochs=1)
         ingest(client, run["id"], [epoch(0, HIGH), epoch(1, LOW)])
         wait_for(lambda: len(receiver.bodies("/ok")) == 2)
         assert not receiver.release.is_set()  # /slow still holds its first request
@@ -171,7 +171,7 @@ def test_a_full_queue_drops_and_counts(migrated_url: str, receiver: Receiver) ->
     targets = [WebhookTarget(url=f"{receiver.url}/slow")]
     hold = {"webhook_queue_size": 1, "webhook_cooldown_s": 0, "webhook_timeout_s": 30}
     with app_client(migrated_url, targets, **hold) as client:
-        run = make_run(client)
+        run = make_run(client, alert_open_epochs=1, alert_close_epochs=1)
         ingest(client, run["id"], [epoch(0, HIGH)])
         wait_for(lambda: receiver.bodies("/slow") != [])  # the thread is busy with it
         for n in range(1, 7):  # closes and opens: 6 announcements for a queue of 1
