@@ -84,8 +84,11 @@ def dispose_engine(url: str) -> None:
         engine.dispose()
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False, autoflush=False)
+def make_session_factory(
+    engine: Engine, info: dict[str, Any] | None = None
+) -> sessionmaker[Session]:
+    """Sessions on `engine`; `info` (e.g. the app's `lost_after`) is every session's `.info`."""
+    return sessionmaker(engine, expire_on_commit=False, autoflush=False, info=info or {})
 
 
 def write_session(factory: sessionmaker[Session]) -> Session:

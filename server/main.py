@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.session_factory = make_session_factory(engine)
+    app.state.session_factory = make_session_factory(engine, {"lost_after": settings.lost_after})
     app.openapi = _with_non_finite_docs(app)  # type: ignore[method-assign]
     install_handlers(app)
     app.include_router(api.router)

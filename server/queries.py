@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from itertools import groupby
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from server import models, schemas
+from server.config import Settings
 from server.errors import InvalidInput, RunNotFound
 from server.metrics import MetricsData, get_metrics, metrics_data
 
@@ -38,12 +40,33 @@ def run_tasks(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
     return {rid: [r[1] for r in grp] for rid, grp in groupby(rows, key=lambda r: r[0])}
 
 
+def is_lost(run: models.Run, lost_after: float, now: datetime | None = None) -> bool:
+    """Running, but not heard from (create, epochs, heartbeat) for `lost_after` seconds."""
+    seen = run.last_seen_at or run.updated_at
+    if run.status != schemas.RunStatus.running.value or seen is None:
+        return False
+    return ((now or models.utcnow()) - seen).total_seconds() > lost_after
+
+
+def session_lost_after(session: Session | None) -> float:
+    """The app's GRADWATCH_LOST_AFTER, carried in the session's `info` (see server.main)."""
+    value = session.info.get("lost_after") if session is not None else None
+    return float(value if value is not None else Settings.model_fields["lost_after"].default)
+
+
+def lost_after_of(run: models.Run) -> float:
+    """`session_lost_after` of the session that loaded `run`."""
+    return session_lost_after(object_session(run))
+
+
 def run_read(run: models.Run, tasks: list[str]) -> schemas.RunRead:
     return schemas.RunRead(
         id=run.id,
         name=run.name,
         project=run.project,
         status=schemas.RunStatus(run.status),
+        lost=is_lost(run, lost_after_of(run)),
+        last_seen_at=run.last_seen_at,
         tasks=tasks,
         config=run.config or {},
         ratio_threshold=run.ratio_threshold,

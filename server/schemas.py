@@ -13,9 +13,55 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
-TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+MAX_INT32 = 2**31 - 1
+NO_NUL = "^[^\\u0000]*$"
+"""What the databases can store as text: no NUL character (and, unsaid because JSON texts in
+UTF-8 cannot carry them, no lone surrogates); as a JSON Schema `pattern`."""
+
+
+def storable_text(value: str) -> str:
+    """Refuse (422, before anything is stored) text the databases cannot store or the API
+    cannot send back: NUL characters and lone surrogates (not encodable as UTF-8)."""
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def _storable_json(value: Any) -> Any:
+    """Every key and string inside a JSON value is storable text (see `storable_text`)."""
+    if isinstance(value, str):
+        storable_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable_text(str(key))
+            _storable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            _storable_json(item)
+    return value
+
+
+Text = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200),
+    AfterValidator(storable_text),
+    Field(json_schema_extra={"pattern": NO_NUL}),
+]
+TaskName = Text
+EpochNumber = Annotated[int, Field(strict=True, ge=0, le=MAX_INT32)]
 Metric = float | None
 
 
@@ -29,23 +75,30 @@ class RunStatus(str, Enum):
     finished = "finished"
     failed = "failed"
     crashed = "crashed"
+    interrupted = "interrupted"  # stopped from outside (SIGTERM: preemption, scancel, spot)
 
 
 class RunCreate(ApiModel):
     """POST /api/runs. With an `id` that already exists the run is resumed (idempotent create)."""
 
     id: uuid.UUID | None = None
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    project: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "default"
-    tasks: list[TaskName] = Field(min_length=1, description="Ordered, unique task names.")
-    config: dict[str, Any] = Field(default_factory=dict)
+    name: Text
+    project: Text = "default"
+    tasks: list[TaskName] = Field(
+        min_length=1,
+        description="Ordered, unique task names.",
+        json_schema_extra={"uniqueItems": True},
+    )
+    config: Annotated[dict[str, Any], AfterValidator(_storable_json)] = Field(
+        default_factory=dict, description="Any JSON object; no NUL characters in its keys/strings."
+    )
     ratio_threshold: float | None = Field(
         default=None, gt=1.0, description="Overrides the server default (10)."
     )
 
 
 class RunUpdate(ApiModel):
-    """PATCH /api/runs/{id}: mark finished/failed/crashed, or change the threshold."""
+    """PATCH /api/runs/{id}: mark finished/failed/crashed/interrupted, or change the threshold."""
 
     status: RunStatus | None = None
     ratio_threshold: float | None = Field(default=None, gt=1.0)
@@ -56,12 +109,18 @@ class RunRead(ApiModel):
     name: str
     project: str
     status: RunStatus
+    lost: bool = Field(
+        False,
+        description="Running, but its client has not been heard from (epochs, heartbeats) for "
+        "GRADWATCH_LOST_AFTER seconds: the process probably died without a word.",
+    )
     tasks: list[str]
     config: dict[str, Any]
     ratio_threshold: float
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    last_seen_at: datetime | None = None
     epoch_count: int = 0
     last_epoch: int | None = None
     last_grad_norm_ratio: Metric = None
@@ -94,9 +153,17 @@ class TaskEpoch(ApiModel):
 
 
 class PairCosine(ApiModel):
+    """Cosine of two different tasks' gradients (`a` != `b`; each pair once per epoch)."""
+
     a: TaskName
-    b: TaskName
+    b: TaskName = Field(description="A task other than `a`.")
     value: Metric
+
+    @model_validator(mode="after")
+    def _two_tasks(self) -> PairCosine:
+        if self.a == self.b:
+            raise ValueError("a cosine pair names two different tasks")
+        return self
 
 
 class GroupEpoch(ApiModel):
@@ -109,7 +176,7 @@ class GroupEpoch(ApiModel):
 
 
 class EpochRecord(ApiModel):
-    epoch: int = Field(ge=0)
+    epoch: EpochNumber
     tasks: dict[TaskName, TaskEpoch] = Field(
         default_factory=dict, description="Keyed by task name; every key must be a task of the run."
     )
@@ -125,7 +192,7 @@ class EpochRecord(ApiModel):
     total_loss: Metric = None
     balancer_loss: Metric = Field(None, description="E.g. GradNorm's L_grad.")
     wall_time: Metric = Field(None, description="Seconds the epoch took.")
-    step_count: int | None = Field(None, ge=0)
+    step_count: EpochNumber | None = None
     groups: list[GroupEpoch] | None = Field(
         None, max_length=64, description="Per parameter group (layer) of the shared trunk."
     )

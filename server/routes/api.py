@@ -141,10 +141,25 @@ def get_run(run: RunDep, session: SessionDep) -> schemas.RunRead:
 
 @writes.patch("/api/runs/{run_id}", response_model=schemas.RunRead, tags=["runs"], responses=RUN)
 def update_run(run: RunDep, body: schemas.RunUpdate, session: SessionDep) -> schemas.RunRead:
-    """Mark a run finished/failed/crashed (or running), or change its ratio threshold; a new
-    threshold recomputes the run's alerts."""
+    """Mark a run finished/failed/crashed/interrupted (or running), or change its ratio
+    threshold; a new threshold recomputes the run's alerts."""
     run = ingest.update_run(session, run, body)
     return queries.run_read(run, ingest.task_names(session, run.id))
+
+
+@writes.post(
+    "/api/runs/{run_id}/heartbeat",
+    status_code=204,
+    tags=["runs"],
+    responses=RUN,
+    response_class=Response,
+)
+def run_heartbeat(run: RunDep, session: SessionDep) -> Response:
+    """The training process is alive (its client sends this about every 30 s, and every epoch
+    batch counts too): a running run not heard from for GRADWATCH_LOST_AFTER seconds reads as
+    `lost: true`."""
+    ingest.heartbeat(session, run)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @writes.delete(

@@ -20,6 +20,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
@@ -77,7 +78,8 @@ def run_signature(session: Session, run_id: uuid.UUID) -> tuple[Any, ...] | None
     run = session.get(models.Run, run_id)
     if run is None:
         return None
-    return (run.status, run.epoch_count, run.open_alert_count, run.flagged, run.updated_at)
+    lost = queries.is_lost(run, queries.lost_after_of(run))
+    return (run.status, lost, run.epoch_count, run.open_alert_count, run.flagged, run.updated_at)
 
 
 def run_update(session: Session, run_id: uuid.UUID, cursor: int) -> dict[str, Any]:
@@ -150,8 +152,12 @@ def list_signature(session: Session, filters: dict[str, Any]) -> tuple[Any, ...]
         where.append(r.status == filters["status"])
     if filters["flagged"] is not None:
         where.append(r.flagged == filters["flagged"])
-    row = session.execute(sa.select(sa.func.count(), sa.func.max(r.updated_at)).where(*where)).one()
-    return tuple(row)
+    cutoff = models.utcnow() - timedelta(seconds=queries.session_lost_after(session))
+    lost = sa.case((sa.and_(r.status == "running", r.last_seen_at < cutoff), 1), else_=0)
+    row = session.execute(
+        sa.select(sa.func.count(), sa.func.max(r.updated_at), sa.func.sum(lost)).where(*where)
+    ).one()
+    return tuple(row)  # a run going lost (or back) changes the page too
 
 
 async def list_events(request: Request, filters: dict[str, Any], offset: int) -> AsyncIterator[str]:

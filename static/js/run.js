@@ -142,7 +142,7 @@
 
   function applyRun(update) {
     const run = update.run;
-    gw.replace("run-status", gw.statusBadge(run.status));
+    gw.replace("run-status", gw.statusBadge(run.status, run.lost));
     gw.replace("run-flag", gw.flag(run));
     gw.setText("run-epochs", String(run.epoch_count));
     gw.replace("run-ratio", gw.ratioCell(run.last_grad_norm_ratio, run.ratio_threshold));
