@@ -22,17 +22,16 @@ from pydantic import (
     model_validator,
 )
 
-MAX_INT32 = 2**31 - 1
+MAX_INT32 = 2**31 - 1  # epochs, counts, offsets: the databases' INTEGER
+MAX_INT63 = 2**63 - 1  # ingestion cursors: BIGINT
 NO_NUL = "^[^\\u0000]*$"
 """What the databases can store as text: no NUL character (and, unsaid because JSON texts in
 UTF-8 cannot carry them, no lone surrogates); as a JSON Schema `pattern`."""
 
 
-def storable_text(value: str) -> str:
-    """Refuse (422, before anything is stored) text the databases cannot store or the API
-    cannot send back: NUL characters and lone surrogates (not encodable as UTF-8)."""
-    if "\x00" in value:
-        raise ValueError("text must not contain NUL characters")
+def _unicode(value: str) -> str:
+    """Lone surrogates (e.g. a non-UTF-8 file name from `os.fsdecode`) cannot be stored as
+    UTF-8 or sent back in a JSON response: refuse them up front."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -40,17 +39,29 @@ def storable_text(value: str) -> str:
     return value
 
 
-def _storable_json(value: Any) -> Any:
-    """Every key and string inside a JSON value is storable text (see `storable_text`)."""
-    if isinstance(value, str):
-        storable_text(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            storable_text(str(key))
-            _storable_json(item)
-    elif isinstance(value, list):
-        for item in value:
-            _storable_json(item)
+def storable_text(value: str) -> str:
+    """Refuse (422, before anything is stored) text a text column cannot hold or the API
+    cannot send back: NUL characters and lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    return _unicode(value)
+
+
+def _unicode_json(value: Any, where: str = "config") -> Any:
+    """Every key and string inside a JSON value is valid Unicode (NUL is fine: JSON escapes it)."""
+    try:
+        if isinstance(value, str):
+            _unicode(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _unicode(str(key))
+                _unicode_json(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                _unicode_json(item, f"{where}[{i}]")
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
     return value
 
 
@@ -89,8 +100,8 @@ class RunCreate(ApiModel):
         description="Ordered, unique task names.",
         json_schema_extra={"uniqueItems": True},
     )
-    config: Annotated[dict[str, Any], AfterValidator(_storable_json)] = Field(
-        default_factory=dict, description="Any JSON object; no NUL characters in its keys/strings."
+    config: Annotated[dict[str, Any], AfterValidator(_unicode_json)] = Field(
+        default_factory=dict, description="Any JSON object (valid Unicode: no lone surrogates)."
     )
     ratio_threshold: float | None = Field(
         default=None, gt=1.0, description="Overrides the server default (10)."

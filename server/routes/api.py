@@ -23,8 +23,7 @@ from server.db import SessionDep, database_kind
 from server.errors import RunNotFound
 from server.security import require_read, require_write
 
-MAX_INT32 = 2**31 - 1
-MAX_INT63 = 2**63 - 1
+MAX_INT32, MAX_INT63 = schemas.MAX_INT32, schemas.MAX_INT63
 
 
 def _err(description: str) -> dict[str, Any]:

@@ -32,7 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from server import models, queries, schemas
+from server.errors import InvalidInput
 from server.routes.pages import RUNS_PER_PAGE, runs_filters
+from server.schemas import MAX_INT32, MAX_INT63
 from server.security import require_read
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_read)])
@@ -63,10 +65,14 @@ async def in_session(request: Request, fn: Callable[[Session], T]) -> T:
 
 
 def parse_cursor(since: int | None, last_event_id: str | None) -> int | None:
-    """The browser's Last-Event-ID (sent on reconnect) wins over the page's `since`."""
-    if last_event_id and last_event_id.strip().isdigit():
-        return int(last_event_id)
-    return since
+    """The browser's Last-Event-ID (sent on reconnect) wins over the page's `since`; one that
+    is not a cursor we could have sent is ignored, one beyond BIGINT refused (422)."""
+    text = (last_event_id or "").strip()
+    if not (text.isascii() and text.isdigit()):
+        return since
+    if len(text) > 19 or int(text) > MAX_INT63:
+        raise InvalidInput("Last-Event-ID", f"must be at most {MAX_INT63}")
+    return int(text)
 
 
 def latest_cursor(session: Session, run_id: uuid.UUID) -> int:
@@ -130,7 +136,7 @@ async def run_events(request: Request, run_id: uuid.UUID, cursor: int) -> AsyncI
 async def run_stream(
     request: Request,
     run_id: uuid.UUID,
-    since: Annotated[int | None, Query(ge=0)] = None,
+    since: Annotated[int | None, Query(ge=0, le=MAX_INT63)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Live epochs of one run (see module docstring). 404 for an unknown run."""
@@ -186,7 +192,7 @@ async def runs_stream(
     project: str | None = None,
     status: str | None = None,
     flagged: str | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
 ) -> StreamingResponse:
     """The runs list page, re-sent whenever a run in it changes."""
     filters = runs_filters(project, status, flagged)
