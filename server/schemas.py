@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -72,7 +73,21 @@ Text = Annotated[
     Field(json_schema_extra={"pattern": NO_NUL}),
 ]
 TaskName = Text
-EpochNumber = Annotated[int, Field(strict=True, ge=0, le=MAX_INT32)]
+
+
+def _json_integer(value: Any) -> Any:
+    """A JSON Schema integer: 3 and 3.0, never true/false or "3" (pydantic's lax int takes
+    those; its strict int refuses 3.0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+EpochNumber = Annotated[int, Field(ge=0, le=MAX_INT32), BeforeValidator(_json_integer)]
 Metric = float | None
 
 
@@ -191,7 +206,9 @@ class EpochRecord(ApiModel):
     tasks: dict[TaskName, TaskEpoch] = Field(
         default_factory=dict, description="Keyed by task name; every key must be a task of the run."
     )
-    cosines: list[PairCosine] = Field(default_factory=list)
+    cosines: list[PairCosine] = Field(
+        default_factory=list, description="Each unordered pair of two different tasks once."
+    )
     grad_norm_ratio: Metric = Field(
         None,
         description="max_i / min_i of the weighted gradient norms |w_i| G_i (the imbalance the "

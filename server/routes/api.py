@@ -35,7 +35,11 @@ COMMON: dict[int | str, dict[str, Any]] = {
     422: _err("Malformed request; `detail` names the field"),
 }
 Responses = dict[int | str, dict[str, Any]]
-WRITE: Responses = {**COMMON, 413: _err("Request body over GRADWATCH_MAX_BODY_BYTES")}
+WRITE: Responses = {
+    **COMMON,
+    413: _err("Request body over GRADWATCH_MAX_BODY_BYTES"),
+    415: _err("Request body not application/json"),
+}
 RUN: Responses = {404: _err("No run with this id")}
 
 router = APIRouter()
@@ -111,7 +115,9 @@ def create_run(
 @reads.get("/api/runs", response_model=schemas.RunList, tags=["runs"])
 def list_runs(
     session: SessionDep,
-    project: Annotated[str | None, Query(max_length=200)] = None,
+    project: Annotated[
+        str | None, Query(max_length=200, json_schema_extra={"pattern": schemas.NO_NUL})
+    ] = None,
     status: schemas.RunStatus | None = None,
     flagged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
