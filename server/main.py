@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from server import openapi
+from server import openapi, outage
 from server.config import Settings, asset_dir, get_settings
 from server.db import create_db_engine, make_session_factory
 from server.errors import install_handlers
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine, {"lost_after": settings.lost_after})
     openapi.install(app, settings)
     install_handlers(app)
+    outage.install(app, engine, settings.db_retry_after)
     app.include_router(api.router)
     app.include_router(pages.router)
     app.include_router(stream.router)

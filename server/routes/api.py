@@ -15,7 +15,6 @@ import orjson
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from server import ingest, models, queries, schemas
@@ -33,6 +32,7 @@ def _err(description: str) -> dict[str, Any]:
 COMMON: dict[int | str, dict[str, Any]] = {
     401: _err("Missing or wrong bearer token"),
     422: _err("Malformed request; `detail` names the field"),
+    503: _err("Database unavailable; try again after Retry-After seconds"),
 }
 Responses = dict[int | str, dict[str, Any]]
 WRITE: Responses = {
@@ -78,15 +78,12 @@ def app_version() -> str:
     "/health",
     response_model=schemas.Health,
     tags=["health"],
-    responses={503: _err("Database unreachable")},
+    responses={503: _err("Database unreachable; Retry-After says when to try again")},
 )
 def health(session: SessionDep, request: Request) -> Any:
     """Liveness and database check."""
     kind = database_kind(request.app.state.settings.database_url)
-    try:
-        session.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError:
-        return JSONResponse({"error": "database unavailable", "detail": kind}, status_code=503)
+    session.execute(sa.text("SELECT 1"))  # down: 503 + Retry-After (server/outage.py)
     return schemas.Health(status="ok", database=kind, version=app_version())
 
 

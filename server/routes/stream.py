@@ -64,6 +64,19 @@ async def in_session(request: Request, fn: Callable[[Session], T]) -> T:
     return await run_in_threadpool(call)
 
 
+async def until_outage(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events` until the database goes away: then the stream just ends (no traceback; the
+    outage is logged once by server/outage.py, and the reconnect answers 503)."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        watch = request.app.state.database_watch
+        if not watch.is_outage(exc):
+            raise
+        watch.went_down(exc)
+
+
 def parse_cursor(since: int | None, last_event_id: str | None) -> int | None:
     """The browser's Last-Event-ID (sent on reconnect) wins over the page's `since`; one that
     is not a cursor we could have sent is ignored, one beyond BIGINT refused (422)."""
@@ -144,9 +157,8 @@ async def run_stream(
     cursor = parse_cursor(since, last_event_id)
     if cursor is None:  # no cursor: only what arrives from now on
         cursor = await in_session(request, lambda s: latest_cursor(s, run_id))
-    return StreamingResponse(
-        run_events(request, run_id, cursor), media_type="text/event-stream", headers=HEADERS
-    )
+    events = until_outage(request, run_events(request, run_id, cursor))
+    return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
 
 
 def list_signature(session: Session, filters: dict[str, Any]) -> tuple[Any, ...]:
@@ -196,5 +208,6 @@ async def runs_stream(
 ) -> StreamingResponse:
     """The runs list page, re-sent whenever a run in it changes."""
     filters = runs_filters(project, status, flagged)
-    return StreamingResponse(list_events(request, filters, offset), media_type="text/event-stream",
-                             headers=HEADERS)  # fmt: skip
+    await in_session(request, lambda s: list_signature(s, filters))  # database down: 503 now
+    events = until_outage(request, list_events(request, filters, offset))
+    return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
