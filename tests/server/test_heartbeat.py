@@ -75,6 +75,24 @@ def test_late_epoch_brings_a_lost_run_back(fast_client: TestClient) -> None:
     assert (back["status"], back["lost"]) == ("running", False)
 
 
+def test_runs_stream_notices_a_run_going_lost(fast_client: TestClient, migrated_url: str) -> None:
+    from server.db import make_session_factory
+    from server.routes.stream import list_signature
+
+    make_run(fast_client)
+    engine = create_db_engine(migrated_url)
+    factory = make_session_factory(engine, {"lost_after": LOST_AFTER})
+    filters = {"project": None, "status": None, "flagged": None}
+    try:
+        with factory() as s:
+            before = list_signature(s, filters)
+        _silence()
+        with factory() as s:
+            assert list_signature(s, filters) != before
+    finally:
+        engine.dispose()
+
+
 def test_finished_run_is_never_lost(fast_client: TestClient) -> None:
     run = make_run(fast_client)
     fast_client.patch(f"/api/runs/{run['id']}", json={"status": "finished"})

@@ -116,6 +116,13 @@ def test_nul_in_the_project_filter_is_422(client: TestClient, path: str) -> None
     assert r.status_code == 422
 
 
+def test_nasty_task_filter_is_a_4xx(client: TestClient) -> None:
+    rid = _run_id(client)
+    for bad in ("a%00b", "%ED%A0%80", "%FF", "x" * 5000):  # NUL, an encoded surrogate, not UTF-8
+        r = client.get(f"/api/runs/{rid}/metrics?tasks={bad}")
+        assert 400 <= r.status_code < 500, (bad[:8], r.text)
+
+
 def test_unknown_task_names_in_epochs_are_422_and_store_nothing(client: TestClient) -> None:
     run = post_run(client, run_body()).json()
     for bad in (LONE_HIGH, NUL, EMOJI):
