@@ -35,14 +35,14 @@ class Settings(BaseSettings):
     """Runs with more tasks than this are refused with 422."""
     max_points: int = 2000
     """Default and upper bound of points per trace the dashboard asks for."""
-    lost_after: float = Field(120.0, gt=0)
+    lost_after: Annotated[float, Field(gt=0)] = 120.0
     """A running run not heard from (epochs or heartbeats) for this many seconds shows as lost."""
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Host names (Host header, port ignored) accepted besides the loopback names and the bind
     address; comma-separated in GRADWATCH_ALLOWED_HOSTS, `*` accepts any host."""
-    db_retry_after: int = Field(5, ge=1)
+    db_retry_after: Annotated[int, Field(ge=1)] = 5
     """Seconds in the Retry-After header of the 503 answered while the database is down."""
-    body_timeout: float = Field(30.0, gt=0)
+    body_timeout: Annotated[float, Field(gt=0)] = 30.0
     """Seconds a request may take to send its declared body before the connection is closed."""
 
     @field_validator("allowed_hosts", mode="before")

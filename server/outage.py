@@ -9,6 +9,7 @@ requests failed in between.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import threading
@@ -75,7 +76,8 @@ def install(app: FastAPI, engine: Engine, retry_after: int) -> DatabaseWatch:
         if not watch.is_outage(exc):
             if previous is None:
                 raise exc
-            return await previous(request, exc)  # type: ignore[no-any-return]
+            answer = previous(request, exc)
+            return await answer if inspect.isawaitable(answer) else answer
         watch.went_down(exc)
         headers = {"Retry-After": str(retry_after)}
         return error_response(request, 503, DATABASE_UNAVAILABLE, None, headers)
