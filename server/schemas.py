@@ -195,7 +195,7 @@ class PairCosine(ApiModel):
 class GroupEpoch(ApiModel):
     """One parameter group's numbers for one epoch (a part of the shared trunk, e.g. a layer)."""
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    name: Text
     grad_norm: dict[TaskName, Metric] = Field(description="Per task, ||grad_group L_i||_2.")
     grad_norm_ratio: Metric = Field(None, description="max/min of the group's weighted norms.")
     min_cosine: Metric = Field(None, description="The group's most conflicting pair.")

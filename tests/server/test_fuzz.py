@@ -45,10 +45,14 @@ TARGET = _Target()
 # schemathesis's ASGI client sends `Host: testserver`: a name these servers are told about.
 HOSTS = {"allowed_hosts": ["testserver"]}
 SECURED_SETTINGS = {"token": TOKEN, "protect_reads": True, **HOSTS}
-SECURED = schemathesis.openapi.from_dict(
-    create_app(Settings(database_url="sqlite://", **SECURED_SETTINGS)).openapi()
+SECURED = schemathesis.openapi.from_asgi(
+    "/openapi.json",
+    create_app(Settings(database_url="sqlite://", **SECURED_SETTINGS)),
+    headers=AUTH,
 )
-OPEN = schemathesis.openapi.from_dict(create_app(Settings(database_url="sqlite://")).openapi())
+OPEN = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_app(Settings(database_url="sqlite://", **HOSTS))
+)
 _turn = itertools.count()
 
 
