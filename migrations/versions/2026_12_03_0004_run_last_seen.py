@@ -21,12 +21,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Plain ALTER TABLE on both databases (SQLite >= 3.35 drops columns itself): a batch "move and
+# copy" of `run` would DROP the old table, and with foreign keys on that cascades to every
+# epoch, task row and alert of every run.
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("run") as batch:
-        batch.add_column(sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("run", sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=True))
     op.execute("UPDATE run SET last_seen_at = updated_at")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("run") as batch:
-        batch.drop_column("last_seen_at")
+    op.drop_column("run", "last_seen_at")

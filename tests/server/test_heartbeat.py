@@ -144,7 +144,11 @@ def test_migration_fills_last_seen_from_updated_at(database_url: str) -> None:
             command.upgrade(cfg, "0004")
             seen, updated = conn.execute(sa.text("SELECT last_seen_at, updated_at FROM run")).one()
             assert seen == updated
+            conn.execute(sa.text("INSERT INTO run_task (run_id, position, name) "
+                                 "SELECT id, 0, 'a' FROM run"))  # fmt: skip
             command.downgrade(cfg, "0003")
             assert "last_seen_at" not in {c["name"] for c in sa.inspect(conn).get_columns("run")}
+            # the column goes, nothing else does (no table copy cascading to the run's rows)
+            assert conn.execute(sa.text("SELECT count(*) FROM run_task")).scalar() == 1
     finally:
         engine.dispose()
