@@ -211,7 +211,7 @@ def main() -> int:
         print(f"seeded in {time.perf_counter() - t0:.0f} s")
     run_migrations(url)  # a seed cached by an older version gains the newer tables
     app = create_app(Settings(database_url=url))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a name the server answers to
         listing = client.get("/api/runs?limit=200").json()["runs"]
         long_id = next(r["id"] for r in listing if r["name"] == "bench-long")
         short_id = next(r["id"] for r in listing if r["name"] != "bench-long")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 AlertKindName = Literal["imbalance", "non_finite", "weight_collapse", "conflict"]
@@ -64,6 +64,26 @@ class Settings(BaseSettings):
     public_url: str | None = None
     """The server's address as users reach it, for links in announcements (default from
     host and port)."""
+    lost_after: Annotated[float, Field(gt=0)] = 120.0
+    """A running run not heard from (epochs or heartbeats) for this many seconds shows as lost."""
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Host names (Host header, port ignored) accepted besides the loopback names and the bind
+    address; comma-separated in GRADWATCH_ALLOWED_HOSTS, `*` accepts any host."""
+    db_retry_after: Annotated[int, Field(ge=1)] = 5
+    """Seconds in the Retry-After header of the 503 answered while the database is down."""
+    body_timeout: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds a request may take to send its declared body before the connection is closed."""
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    def host_names(self) -> frozenset[str]:
+        """Every Host name this server answers to (lower case, no port)."""
+        return LOOPBACK_HOSTS | {self.host.lower(), *(h.lower() for h in self.allowed_hosts)}
 
 
 @lru_cache

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.config import asset_dir
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+PG_CONNECT_TIMEOUT_S = 5
 WRITE_OPTIONS = {"sqlite_begin": "IMMEDIATE"}
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -65,7 +66,11 @@ def create_db_engine(url: str) -> Engine:
         engine = sa.create_engine(url, connect_args=connect_args, **pool)
         _sqlite_events(engine)
         return engine
-    return sa.create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+    # A database host that does not answer fails a request after 5 s instead of hanging it.
+    connect_args = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    return sa.create_engine(
+        url, pool_size=8, max_overflow=32, pool_pre_ping=True, connect_args=connect_args
+    )
 
 
 def get_engine(url: str) -> Engine:
@@ -84,8 +89,11 @@ def dispose_engine(url: str) -> None:
         engine.dispose()
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False, autoflush=False)
+def make_session_factory(
+    engine: Engine, info: dict[str, Any] | None = None
+) -> sessionmaker[Session]:
+    """Sessions on `engine`; `info` (e.g. the app's `lost_after`) is every session's `.info`."""
+    return sessionmaker(engine, expire_on_commit=False, autoflush=False, info=info or {})
 
 
 def write_session(factory: sessionmaker[Session]) -> Session:

@@ -29,7 +29,6 @@ from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
 from server.models import utcnow
 
-MAX_INT32 = 2**31 - 1
 _task_values = attrgetter(*models.TASK_FIELDS)
 _epoch_values = attrgetter(*models.EPOCH_FIELDS)
 
@@ -38,13 +37,11 @@ _epoch_values = attrgetter(*models.EPOCH_FIELDS)
 
 
 def check_text(field_name: str, value: str) -> None:
-    """Refuse text the databases cannot store (NUL bytes, lone surrogates) with a 422."""
-    if "\x00" in value:
-        raise InvalidInput(field_name, "text must not contain NUL characters")
+    """Refuse text the databases cannot store (NUL, lone surrogates) with a 422 naming it."""
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(field_name, "text must be valid Unicode") from None
+        schemas.storable_text(value)
+    except ValueError as exc:
+        raise InvalidInput(field_name, str(exc)) from None
 
 
 def _clean_json(value: Any) -> Any:
@@ -64,14 +61,11 @@ def _check_rearm(threshold: float, rearm: float | None) -> None:
 
 
 def _check_run_create(body: schemas.RunCreate, settings: Settings) -> None:
-    check_text("name", body.name)
-    check_text("project", body.project)
     _check_rearm(body.ratio_threshold or settings.ratio_threshold, body.rearm_ratio)
     if len(body.tasks) > settings.max_tasks:
         raise InvalidInput("tasks", f"at most {settings.max_tasks} tasks per run")
     seen: set[str] = set()
     for i, name in enumerate(body.tasks):
-        check_text(f"tasks[{i}]", name)
         if name in seen:
             raise InvalidInput(f"tasks[{i}]", f"duplicate task name {name!r}")
         seen.add(name)
@@ -86,7 +80,8 @@ def _resume(session: Session, run: models.Run, tasks: list[str]) -> models.Run:
     existing = task_names(session, run.id)
     if existing != tasks:
         raise TasksConflict({"existing": existing, "requested": tasks})
-    run.status, run.finished_at, run.updated_at = "running", None, utcnow()
+    run.status, run.finished_at = "running", None
+    run.updated_at = run.last_seen_at = utcnow()
     notify.run_changed(session, run.id)
     return run
 
@@ -116,6 +111,7 @@ def create_or_resume_run(
         created_at=now,
         updated_at=now,
         finished_at=None,
+        last_seen_at=now,
         epoch_count=0,
         flagged=False,
         open_alert_count=0,
@@ -156,6 +152,12 @@ def update_run(session: Session, run: models.Run, body: schemas.RunUpdate) -> mo
     notify.run_changed(session, run.id)
     session.commit()
     return run
+
+
+def heartbeat(session: Session, run: models.Run) -> None:
+    """The client is alive: a running run is not lost (updated_at stays: nothing changed)."""
+    run.last_seen_at = utcnow()
+    session.commit()
 
 
 def delete_run(session: Session, run: models.Run) -> None:
@@ -222,10 +224,6 @@ def _prepare(
     """Validate one record against the run's tasks and turn it into rows. `run_key` is the run
     id as the driver takes it (hex text on SQLite, a UUID on PostgreSQL)."""
     where = f"epochs[{i}]"
-    if rec.epoch > MAX_INT32:
-        raise InvalidInput(f"{where}.epoch", f"must be at most {MAX_INT32}")
-    if rec.step_count is not None and rec.step_count > MAX_INT32:
-        raise InvalidInput(f"{where}.step_count", f"must be at most {MAX_INT32}")
     task_rows, norms, weights, parts = [], {}, {}, []
     weighted: dict[str, float | None] = {}
     non_finite = False
@@ -346,6 +344,7 @@ def ingest_batch(
             run.last_grad_norm_ratio = new[-1].view.grad_norm_ratio
         run.updated_at = utcnow()
         notify.run_changed(session, run.id)
+    run.last_seen_at = utcnow()  # even a batch of duplicates: the client is alive
     cursor = session.scalar(sa.select(sa.func.max(e.id)).where(e.run_id == run.id)) or 0
     session.commit()
     return schemas.IngestResult(

@@ -95,6 +95,9 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    """When the client was last heard from (create, epochs, heartbeat): a running run not
+    heard from for GRADWATCH_LOST_AFTER seconds reads as lost."""
     epoch_count: Mapped[int] = mapped_column(sa.Integer, default=0)
     last_epoch: Mapped[int | None] = mapped_column(sa.Integer)
     last_grad_norm_ratio: Mapped[float | None] = mapped_column(FloatNaN)

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from itertools import groupby
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from server import models, schemas
 from server.alerts import run_hysteresis
+from server.config import Settings
 from server.errors import InvalidInput, RunNotFound
 from server.metrics import MetricsData, get_metrics, metrics_data
 
@@ -53,6 +55,25 @@ def open_kinds(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID
     return out
 
 
+def is_lost(run: models.Run, lost_after: float, now: datetime | None = None) -> bool:
+    """Running, but not heard from (create, epochs, heartbeat) for `lost_after` seconds."""
+    seen = run.last_seen_at or run.updated_at
+    if run.status != schemas.RunStatus.running.value or seen is None:
+        return False
+    return ((now or models.utcnow()) - seen).total_seconds() > lost_after
+
+
+def session_lost_after(session: Session | None) -> float:
+    """The app's GRADWATCH_LOST_AFTER, carried in the session's `info` (see server.main)."""
+    value = session.info.get("lost_after") if session is not None else None
+    return float(value if value is not None else Settings.model_fields["lost_after"].default)
+
+
+def lost_after_of(run: models.Run) -> float:
+    """`session_lost_after` of the session that loaded `run`."""
+    return session_lost_after(object_session(run))
+
+
 def run_read(
     run: models.Run, tasks: list[str], kinds: dict[str, int] | None = None
 ) -> schemas.RunRead:
@@ -62,6 +83,8 @@ def run_read(
         name=run.name,
         project=run.project,
         status=schemas.RunStatus(run.status),
+        lost=is_lost(run, lost_after_of(run)),
+        last_seen_at=run.last_seen_at,
         tasks=tasks,
         config=run.config or {},
         ratio_threshold=run.ratio_threshold,

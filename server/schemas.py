@@ -13,9 +13,81 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
-TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+MAX_INT32 = 2**31 - 1  # epochs, counts, offsets: the databases' INTEGER
+MAX_INT63 = 2**63 - 1  # ingestion cursors: BIGINT
+NO_NUL = "^[^\\u0000]*$"
+"""What the databases can store as text: no NUL character (and, unsaid because JSON texts in
+UTF-8 cannot carry them, no lone surrogates); as a JSON Schema `pattern`."""
+
+
+def _unicode(value: str) -> str:
+    """Lone surrogates (e.g. a non-UTF-8 file name from `os.fsdecode`) cannot be stored as
+    UTF-8 or sent back in a JSON response: refuse them up front."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def storable_text(value: str) -> str:
+    """Refuse (422, before anything is stored) text a text column cannot hold or the API
+    cannot send back: NUL characters and lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    return _unicode(value)
+
+
+def _unicode_json(value: Any, where: str = "config") -> Any:
+    """Every key and string inside a JSON value is valid Unicode (NUL is fine: JSON escapes it)."""
+    try:
+        if isinstance(value, str):
+            _unicode(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _unicode(str(key))
+                _unicode_json(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                _unicode_json(item, f"{where}[{i}]")
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+    return value
+
+
+Text = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200),
+    AfterValidator(storable_text),
+    Field(json_schema_extra={"pattern": NO_NUL}),
+]
+TaskName = Text
+
+
+def _json_integer(value: Any) -> Any:
+    """A JSON Schema integer: 3 and 3.0, never true/false or "3" (pydantic's lax int takes
+    those; its strict int refuses 3.0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+EpochNumber = Annotated[int, Field(ge=0, le=MAX_INT32), BeforeValidator(_json_integer)]
 Metric = float | None
 
 
@@ -29,16 +101,23 @@ class RunStatus(str, Enum):
     finished = "finished"
     failed = "failed"
     crashed = "crashed"
+    interrupted = "interrupted"  # stopped from outside (SIGTERM: preemption, scancel, spot)
 
 
 class RunCreate(ApiModel):
     """POST /api/runs. With an `id` that already exists the run is resumed (idempotent create)."""
 
     id: uuid.UUID | None = None
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    project: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "default"
-    tasks: list[TaskName] = Field(min_length=1, description="Ordered, unique task names.")
-    config: dict[str, Any] = Field(default_factory=dict)
+    name: Text
+    project: Text = "default"
+    tasks: list[TaskName] = Field(
+        min_length=1,
+        description="Ordered, unique task names.",
+        json_schema_extra={"uniqueItems": True},
+    )
+    config: Annotated[dict[str, Any], AfterValidator(_unicode_json)] = Field(
+        default_factory=dict, description="Any JSON object (valid Unicode: no lone surrogates)."
+    )
     ratio_threshold: float | None = Field(
         default=None, gt=1.0, description="Overrides the server default (10)."
     )
@@ -54,7 +133,7 @@ class RunCreate(ApiModel):
 
 
 class RunUpdate(ApiModel):
-    """PATCH /api/runs/{id}: mark finished/failed/crashed, or change the threshold."""
+    """PATCH /api/runs/{id}: mark finished/failed/crashed/interrupted, or change the threshold."""
 
     status: RunStatus | None = None
     ratio_threshold: float | None = Field(default=None, gt=1.0)
@@ -74,6 +153,11 @@ class RunRead(ApiModel):
     name: str
     project: str
     status: RunStatus
+    lost: bool = Field(
+        False,
+        description="Running, but its client has not been heard from (epochs, heartbeats) for "
+        "GRADWATCH_LOST_AFTER seconds: the process probably died without a word.",
+    )
     tasks: list[str]
     config: dict[str, Any]
     ratio_threshold: float
@@ -83,6 +167,7 @@ class RunRead(ApiModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    last_seen_at: datetime | None = None
     epoch_count: int = 0
     last_epoch: int | None = None
     last_grad_norm_ratio: Metric = None
@@ -118,9 +203,17 @@ class TaskEpoch(ApiModel):
 
 
 class PairCosine(ApiModel):
+    """Cosine of two different tasks' gradients (`a` != `b`; each pair once per epoch)."""
+
     a: TaskName
-    b: TaskName
+    b: TaskName = Field(description="A task other than `a`.")
     value: Metric
+
+    @model_validator(mode="after")
+    def _two_tasks(self) -> PairCosine:
+        if self.a == self.b:
+            raise ValueError("a cosine pair names two different tasks")
+        return self
 
 
 MAX_GROUPS = 64
@@ -130,7 +223,7 @@ class GroupEpoch(ApiModel):
     """One parameter group's (a layer's) numbers for one epoch: where in the network a task
     dominates or the tasks conflict."""
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    name: Text
     grad_norm: dict[TaskName, Metric] = Field(
         description="Every task of the run: ||grad_Wg L_i||_2 over the group's parameters Wg."
     )
@@ -139,11 +232,13 @@ class GroupEpoch(ApiModel):
 
 
 class EpochRecord(ApiModel):
-    epoch: int = Field(ge=0)
+    epoch: EpochNumber
     tasks: dict[TaskName, TaskEpoch] = Field(
         default_factory=dict, description="Keyed by task name; every key must be a task of the run."
     )
-    cosines: list[PairCosine] = Field(default_factory=list)
+    cosines: list[PairCosine] = Field(
+        default_factory=list, description="Each unordered pair of two different tasks once."
+    )
     grad_norm_ratio: Metric = Field(
         None,
         description="max_i / min_i of the weighted gradient norms |w_i| G_i (the imbalance the "
@@ -155,7 +250,7 @@ class EpochRecord(ApiModel):
     total_loss: Metric = None
     balancer_loss: Metric = Field(None, description="E.g. GradNorm's L_grad.")
     wall_time: Metric = Field(None, description="Seconds the epoch took.")
-    step_count: int | None = Field(None, ge=0)
+    step_count: EpochNumber | None = None
     groups: list[GroupEpoch] | None = Field(
         None,
         max_length=MAX_GROUPS,

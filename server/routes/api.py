@@ -15,7 +15,6 @@ import orjson
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from server import groups, ingest, metrics_wire, models, queries, schemas, verdict
@@ -23,8 +22,7 @@ from server.db import SessionDep, database_kind
 from server.errors import RunNotFound
 from server.security import require_read, require_write
 
-MAX_INT32 = 2**31 - 1
-MAX_INT63 = 2**63 - 1
+MAX_INT32, MAX_INT63 = schemas.MAX_INT32, schemas.MAX_INT63
 
 
 def _err(description: str) -> dict[str, Any]:
@@ -34,9 +32,14 @@ def _err(description: str) -> dict[str, Any]:
 COMMON: dict[int | str, dict[str, Any]] = {
     401: _err("Missing or wrong bearer token"),
     422: _err("Malformed request; `detail` names the field"),
+    503: _err("Database unavailable; try again after Retry-After seconds"),
 }
 Responses = dict[int | str, dict[str, Any]]
-WRITE: Responses = {**COMMON, 413: _err("Request body over GRADWATCH_MAX_BODY_BYTES")}
+WRITE: Responses = {
+    **COMMON,
+    413: _err("Request body over GRADWATCH_MAX_BODY_BYTES"),
+    415: _err("Request body not application/json"),
+}
 RUN: Responses = {404: _err("No run with this id")}
 
 router = APIRouter()
@@ -75,15 +78,12 @@ def app_version() -> str:
     "/health",
     response_model=schemas.Health,
     tags=["health"],
-    responses={503: _err("Database unreachable")},
+    responses={503: _err("Database unreachable; Retry-After says when to try again")},
 )
 def health(session: SessionDep, request: Request) -> Any:
     """Liveness and database check."""
     kind = database_kind(request.app.state.settings.database_url)
-    try:
-        session.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError:
-        return JSONResponse({"error": "database unavailable", "detail": kind}, status_code=503)
+    session.execute(sa.text("SELECT 1"))  # down: 503 + Retry-After (server/outage.py)
     hooks = request.app.state.webhooks
     return schemas.Health(
         status="ok", database=kind, version=app_version(), webhooks=hooks and hooks.status()
@@ -115,7 +115,9 @@ def create_run(
 @reads.get("/api/runs", response_model=schemas.RunList, tags=["runs"])
 def list_runs(
     session: SessionDep,
-    project: Annotated[str | None, Query(max_length=200)] = None,
+    project: Annotated[
+        str | None, Query(max_length=200, json_schema_extra={"pattern": schemas.NO_NUL})
+    ] = None,
     status: schemas.RunStatus | None = None,
     flagged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -144,10 +146,25 @@ def get_run(run: RunDep, session: SessionDep) -> schemas.RunRead:
 
 @writes.patch("/api/runs/{run_id}", response_model=schemas.RunRead, tags=["runs"], responses=RUN)
 def update_run(run: RunDep, body: schemas.RunUpdate, session: SessionDep) -> schemas.RunRead:
-    """Mark a run finished/failed/crashed (or running), or change its ratio threshold; a new
-    threshold recomputes the run's alerts."""
+    """Mark a run finished/failed/crashed/interrupted (or running), or change its ratio
+    threshold; a new threshold recomputes the run's alerts."""
     run = ingest.update_run(session, run, body)
     return queries.get_run(session, run.id)
+
+
+@writes.post(
+    "/api/runs/{run_id}/heartbeat",
+    status_code=204,
+    tags=["runs"],
+    responses=RUN,
+    response_class=Response,
+)
+def run_heartbeat(run: RunDep, session: SessionDep) -> Response:
+    """The training process is alive (its client sends this about every 30 s, and every epoch
+    batch counts too): a running run not heard from for GRADWATCH_LOST_AFTER seconds reads as
+    `lost: true`."""
+    ingest.heartbeat(session, run)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @writes.delete(

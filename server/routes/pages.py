@@ -32,7 +32,8 @@ from server import charts, compare_charts, compare_table, queries, scalars, verd
 from server.config import Settings, get_settings
 from server.db import SessionDep
 from server.errors import InvalidInput, RunNotFound
-from server.schemas import AlertKind, AlertRead, MetricsRead, RunRead, RunStatus
+from server.ingest import check_text
+from server.schemas import MAX_INT32, AlertKind, AlertRead, MetricsRead, RunRead, RunStatus
 from server.security import require_read
 from server.templating import templates
 
@@ -158,6 +159,8 @@ def runs_filters(project: str | None, status: str | None, flagged: str | None) -
         raise InvalidInput("status", f"unknown status {status!r}; use one of {STATUSES}")
     if flagged not in (None, "", "true", "false"):
         raise InvalidInput("flagged", "use true or false")
+    if project:
+        check_text("project", project)
     return {
         "project": project or None,
         "status": status or None,
@@ -178,7 +181,7 @@ def runs_page(
     project: str | None = None,
     status: str | None = None,
     flagged: str | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
 ) -> HTMLResponse:
     filters = runs_filters(project, status, flagged)
     runs = queries.list_runs(session, **filters, limit=RUNS_PER_PAGE, offset=offset)
@@ -292,8 +295,8 @@ def run_figures(
     request: Request,
     session: SessionDep,
     run_id: uuid.UUID,
-    epoch_min: int | None = None,
-    epoch_max: int | None = None,
+    epoch_min: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
+    epoch_max: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
 ) -> Response:
     """The run page's figures for an epoch range (downsampled to the page's point budget)."""
     data = figures_payload(request, session, queries.get_run(session, run_id), epoch_min, epoch_max)

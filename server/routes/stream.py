@@ -29,7 +29,9 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from server import livefeed, models, queries, schemas
+from server.errors import InvalidInput
 from server.routes.pages import RUNS_PER_PAGE, runs_filters
+from server.schemas import MAX_INT32, MAX_INT63
 from server.security import require_read
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_read)])
@@ -53,11 +55,28 @@ async def in_session(request: Request, fn: Callable[[Session], T]) -> T:
     return await livefeed.hub_of(request.app).read(fn)
 
 
+async def until_outage(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events` until the database goes away: then the stream just ends (no traceback; the
+    outage is logged once by server/outage.py, and the reconnect answers 503)."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        watch = request.app.state.database_watch
+        if not watch.is_outage(exc):
+            raise
+        watch.went_down(exc)
+
+
 def parse_cursor(since: int | None, last_event_id: str | None) -> int | None:
-    """The browser's Last-Event-ID (sent on reconnect) wins over the page's `since`."""
-    if last_event_id and last_event_id.strip().isdigit():
-        return int(last_event_id)
-    return since
+    """The browser's Last-Event-ID (sent on reconnect) wins over the page's `since`; one that
+    is not a cursor we could have sent is ignored, one beyond BIGINT refused (422)."""
+    text = (last_event_id or "").strip()
+    if not (text.isascii() and text.isdigit()):
+        return since
+    if len(text) > 19 or int(text) > MAX_INT63:
+        raise InvalidInput("Last-Event-ID", f"must be at most {MAX_INT63}")
+    return int(text)
 
 
 def latest_cursor(session: Session, run_id: uuid.UUID) -> int:
@@ -119,7 +138,7 @@ async def _follow(hub: livefeed.Hub, feed: livefeed.RunFeed, run_id: uuid.UUID,
 async def run_stream(
     request: Request,
     run_id: uuid.UUID,
-    since: Annotated[int | None, Query(ge=0)] = None,
+    since: Annotated[int | None, Query(ge=0, le=MAX_INT63)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Live epochs of one run (see module docstring). 404 for an unknown run."""
@@ -127,9 +146,8 @@ async def run_stream(
     cursor = parse_cursor(since, last_event_id)
     if cursor is None:  # no cursor: only what arrives from now on
         cursor = await in_session(request, lambda s: latest_cursor(s, run_id))
-    return StreamingResponse(
-        run_events(request, run_id, cursor), media_type="text/event-stream", headers=HEADERS
-    )
+    events = until_outage(request, run_events(request, run_id, cursor))
+    return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
 
 
 async def list_events(request: Request, filters: dict[str, Any], offset: int) -> AsyncIterator[str]:
@@ -165,9 +183,10 @@ async def runs_stream(
     project: str | None = None,
     status: str | None = None,
     flagged: str | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
 ) -> StreamingResponse:
     """The runs list page, re-sent whenever a run in it changes."""
     filters = runs_filters(project, status, flagged)
-    return StreamingResponse(list_events(request, filters, offset), media_type="text/event-stream",
-                             headers=HEADERS)  # fmt: skip
+    await in_session(request, lambda s: s.execute(sa.text("SELECT 1")))  # database down: 503 now
+    events = until_outage(request, list_events(request, filters, offset))
+    return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)

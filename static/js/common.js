@@ -73,7 +73,11 @@ window.gw = (function () {
     return node ? JSON.parse(node.textContent) : null;
   }
 
-  function statusBadge(status) {
+  function statusBadge(status, lost) {
+    if (lost) {
+      const title = "running, but its client has not been heard from";
+      return el("span", { class: "badge status-lost", title }, "lost");
+    }
     const badge = el("span", { class: "badge status-" + status });
     if (status === "running") {
       badge.append(el("span", { class: "pulse", "aria-hidden": "true" }), "live");

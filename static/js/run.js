@@ -143,7 +143,7 @@
 
   function applyRun(update) {
     const run = update.run;
-    gw.replace("run-status", gw.statusBadge(run.status));
+    gw.replace("run-status", gw.statusBadge(run.status, run.lost));
     gw.replace("run-flag", gw.flag(run));
     gw.replace("run-badges", gw.kindBadges(run));
     running = run.status === "running";

@@ -35,7 +35,7 @@
       gw.el("td"), gw.el("td", { class: "when", title: gw.fmtWhen(run.updated_at) },
         gw.fmtWhen(run.updated_at)),
     ];
-    cells[3].append(gw.statusBadge(run.status));
+    cells[3].append(gw.statusBadge(run.status, run.lost));
     cells[4].append(gw.taskChips(run.tasks));
     cells[6].append(gw.ratioCell(run.last_grad_norm_ratio, run.ratio_threshold));
     cells[7].append(gw.flag(run), gw.kindBadges(run));

@@ -15,7 +15,17 @@ from server.main import create_app
 
 with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what we have
     warnings.simplefilter("ignore")
-    from fastapi.testclient import TestClient
+    from fastapi.testclient import TestClient as _StarletteClient
+
+
+class TestClient(_StarletteClient):
+    """Starlette's test client, addressing the server as 127.0.0.1 (its default Host,
+    `testserver`, is not a name the server answers to)."""
+
+    __test__ = False
+
+    def __init__(self, app: Any, base_url: str = "http://127.0.0.1", **kwargs: Any) -> None:
+        super().__init__(app, base_url=base_url, **kwargs)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fastapi.testclient import TestClient
+from tests.server.conftest import TestClient
 
 
 def test_docs_page_loads_swagger_ui_from_this_server(client: TestClient) -> None:

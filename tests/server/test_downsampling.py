@@ -8,10 +8,9 @@ from itertools import groupby
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from server import epoch_blocks
-from tests.server.conftest import make_run
+from tests.server.conftest import TestClient, make_run
 from tests.server.test_epoch_blocks import ingest_ratios, random_ratios, scan_block, shuffled
 
 

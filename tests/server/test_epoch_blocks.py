@@ -11,12 +11,11 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from fastapi.testclient import TestClient
 
 from server import epoch_blocks, models
 from server.config import asset_dir
 from server.db import create_db_engine
-from tests.server.conftest import ingest, make_run
+from tests.server.conftest import TestClient, ingest, make_run
 
 NAN, INF = math.nan, math.inf
 # A small set of values, so that ties are common; 7.5 (above test_downsampling's threshold),

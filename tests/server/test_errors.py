@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from server import errors
+from server.config import Settings
+from server.main import create_app
 from tests.server.conftest import TestClient
 
 
@@ -37,9 +39,10 @@ def test_responses_carry_a_content_security_policy(client: TestClient) -> None:
     assert "script-src 'self'" in csp
 
 
-def test_every_api_error_status_is_documented(client: TestClient) -> None:
-    spec = client.get("/openapi.json").json()
+def test_every_api_error_status_is_documented(settings: Settings) -> None:
+    with TestClient(create_app(settings.model_copy(update={"token": "t"}))) as client:
+        spec = client.get("/openapi.json").json()
     ingest = spec["paths"]["/api/runs/{run_id}/epochs"]["post"]["responses"]
-    assert {"401", "404", "409", "413", "422"} <= set(ingest)
+    assert {"401", "404", "409", "413", "415", "422"} <= set(ingest)
     schema = ingest["422"]["content"]["application/json"]["schema"]
     assert schema["$ref"].endswith("/ErrorBody")

@@ -1,12 +1,15 @@
 """Fuzz every operation of /openapi.json with schemathesis (in-process ASGI app, both
-databases): no 5xx, and every response conforms to the documented schema and status codes."""
+databases, with and without a token): no 5xx, every response conforms to the documented
+schema and status codes, and data the schema calls valid is accepted."""
 
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import hypothesis
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -21,70 +24,161 @@ from tests.support import create_pg_database, drop_pg_database
 MAX_EXAMPLES = 30
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SEED_RUN = "5eed0000-0000-4000-8000-000000000001"
-# Left out: rules the schema cannot express make "schema-valid" requests fail with 422 (task
-# names must be the run's, unique, no NUL characters), unknown query parameters are ignored
-# (not refused), and the token we inject makes "missing Authorization" negatives moot.
-NOT_APPLICABLE = [
-    schemathesis.checks.positive_data_acceptance,
-    schemathesis.checks.negative_data_rejection,
-]
+# Left out: unknown query parameters are ignored, not refused, which the negative-data check
+# counts as accepting invalid data.
+NOT_APPLICABLE = [schemathesis.checks.negative_data_rejection]
 
 
 class _Target:
-    """The app under test, swapped per database by the `target` fixture."""
+    """The app under test, swapped per database and token by `_check`."""
 
     def __init__(self) -> None:
-        # /openapi.json does not touch the database: any app serves the schema
         self.app: ASGIApp = create_app(Settings(database_url="sqlite://"))
+        self.headers: dict[str, str] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
 
 
 TARGET = _Target()
-schema = schemathesis.openapi.from_asgi("/openapi.json", TARGET)
+# The schema each server publishes: bearer auth declared with a token, not without one.
+# schemathesis's ASGI client sends `Host: testserver`: a name these servers are told about.
+HOSTS = {"allowed_hosts": ["testserver"]}
+SECURED_SETTINGS = {"token": TOKEN, "protect_reads": True, **HOSTS}
+SECURED = schemathesis.openapi.from_asgi(
+    "/openapi.json",
+    create_app(Settings(database_url="sqlite://", **SECURED_SETTINGS)),
+    headers=AUTH,
+)
+OPEN = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_app(Settings(database_url="sqlite://", **HOSTS))
+)
 _turn = itertools.count()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def target(
+def apps(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
-    """One migrated database per kind for the whole module; token on, reads protected too
-    (the schema declares bearer auth, and schemathesis checks bad credentials are refused)."""
+) -> Iterator[dict[bool, ASGIApp]]:
+    """One migrated database per kind, served by an app with a token (reads protected too)
+    and by one without."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'fuzz.db'}"
     else:
         url = create_pg_database()
     run_migrations(url)
-    app = create_app(Settings(database_url=url, token=TOKEN, protect_reads=True))
+    secured = create_app(Settings(database_url=url, **SECURED_SETTINGS))
+    open_ = create_app(Settings(database_url=url, **HOSTS))
     try:
-        with TestClient(app) as c:
-            TARGET.app = app
-            assert c.get("/health", headers=AUTH).status_code == 200
-            yield
+        with TestClient(secured) as c, TestClient(open_):
+            assert c.get("/health").status_code == 200
+            yield {True: secured, False: open_}
     finally:
         if request.param == "postgresql":
             drop_pg_database(url)
 
 
-def _seed(case: Any) -> None:
-    """Every other request that names a run names one that exists, with two tasks."""
-    if "run_id" in (case.path_parameters or {}) and next(_turn) % 2 == 0:
-        TestClient(TARGET.app).post(
-            "/api/runs", json={"id": SEED_RUN, "name": "seed", "tasks": ["a", "b"]}, headers=AUTH
+def _records(case: Any) -> list[dict[str, Any]]:
+    """The well-formed epoch records of an epoch batch case (none for anything else)."""
+    body = case.body if case.path.endswith("/epochs") else None
+    epochs = body.get("epochs") if isinstance(body, dict) else None
+    return [r for r in epochs if isinstance(r, dict)] if isinstance(epochs, list) else []
+
+
+def _pairs(record: dict[str, Any]) -> list[tuple[Any, Any]]:
+    cosines = record.get("cosines")
+    items = cosines if isinstance(cosines, list) else []
+    return [(p.get("a"), p.get("b")) for p in items if isinstance(p, dict)]
+
+
+def _task_names(case: Any) -> list[str]:
+    """Every task an epoch batch or a metrics read (`?tasks=`) names, in first-seen order."""
+    names: dict[Any, None] = {}
+    query = (case.query or {}).get("tasks")
+    if case.path.endswith("/metrics") and isinstance(query, str):
+        names.update(dict.fromkeys(t.strip() for t in query.split(",") if t.strip()))
+    for record in _records(case):
+        tasks = record.get("tasks")
+        names.update(dict.fromkeys(tasks if isinstance(tasks, dict) else ()))
+        names.update(
+            dict.fromkeys(n for pair in _pairs(record) for n in pair if isinstance(n, str))
         )
-        case.path_parameters["run_id"] = SEED_RUN
+    return list(names)
 
 
-@schema.parametrize()
-@settings(
+def _seed(case: Any) -> None:
+    """Every other request that names a run names one that exists: for an epoch batch, a run
+    with exactly the tasks the batch names (the run's task list is state, not schema)."""
+    if "run_id" not in (case.path_parameters or {}) or next(_turn) % 2:
+        return
+    tasks = _task_names(case) if _positive(case) else []
+    if len(tasks) > 64 or any(len(t) > 200 for t in tasks):  # GRADWATCH_MAX_TASKS
+        return
+    run_id = str(uuid.uuid4())
+    body = {"id": run_id, "name": "seed", "tasks": tasks or ["a", "b"]}
+    r = TestClient(TARGET.app).post("/api/runs", json=body, headers=TARGET.headers)
+    assert r.status_code == 201, r.text
+    case.path_parameters["run_id"] = run_id
+
+
+def _pairs_valid(case: Any) -> bool:
+    """What the schema can only describe: a cosine pair names two different tasks, and each
+    unordered pair appears once per epoch."""
+    for record in _records(case):
+        pairs = [frozenset(pair) for pair in _pairs(record)]
+        if any(len(p) < 2 for p in pairs) or len(pairs) != len(set(pairs)):
+            return False
+    return True
+
+
+def _positive(case: Any) -> bool:
+    generation = getattr(case.meta, "generation", None)
+    return bool(generation is not None and generation.mode.is_positive)
+
+
+FUZZ = settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,
 )
-def test_api_conforms_to_its_schema(case: Any, target: None) -> None:
+
+
+def _check(case: Any, app: ASGIApp, headers: dict[str, str]) -> None:
+    TARGET.app, TARGET.headers = app, headers
+    if _positive(case):
+        hypothesis.assume(_pairs_valid(case))
     _seed(case)
-    case.call_and_validate(headers=AUTH, excluded_checks=NOT_APPLICABLE)
+    case.call_and_validate(app=TARGET, headers=headers, excluded_checks=NOT_APPLICABLE)
+
+
+@SECURED.parametrize()
+@FUZZ
+def test_api_with_a_token_conforms_to_its_schema(case: Any, apps: dict[bool, ASGIApp]) -> None:
+    _check(case, apps[True], AUTH)
+
+
+@OPEN.parametrize()
+@FUZZ
+def test_api_without_a_token_conforms_to_its_schema(case: Any, apps: dict[bool, ASGIApp]) -> None:
+    _check(case, apps[False], {})
+
+
+def test_schema_declares_bearer_auth_only_with_a_token() -> None:
+    def declared(settings: Settings) -> tuple[bool, set[str]]:
+        spec = create_app(settings).openapi()
+        secured = {
+            f"{method.upper()} {path}"
+            for path, ops in spec["paths"].items()
+            for method, op in ops.items()
+            if op.get("security")
+        }
+        return "securitySchemes" in spec.get("components", {}), secured
+
+    assert declared(Settings(database_url="sqlite://")) == (False, set())
+    has_scheme, secured = declared(Settings(database_url="sqlite://", token=TOKEN))
+    assert has_scheme and "POST /api/runs" in secured and "GET /api/runs" not in secured
+    has_scheme, secured = declared(
+        Settings(database_url="sqlite://", token=TOKEN, protect_reads=True)
+    )
+    assert has_scheme and {"POST /api/runs", "GET /api/runs"} <= secured

@@ -21,7 +21,7 @@ BODY = {"name": "r", "tasks": ["a", "b"]}
 
 
 def _client(
-    settings: Settings, token: str = TOKEN, base_url: str = "http://testserver"
+    settings: Settings, token: str = TOKEN, base_url: str = "http://127.0.0.1"
 ) -> TestClient:
     app = create_app(settings.model_copy(update={"token": token, "protect_reads": True}))
     return TestClient(app, base_url=base_url, follow_redirects=False)
@@ -109,7 +109,7 @@ def test_session_cookie_is_not_the_token(protected: TestClient) -> None:
 
 
 def test_login_over_https_sets_a_secure_cookie(settings: Settings) -> None:
-    with _client(settings, base_url="https://testserver") as c:
+    with _client(settings, base_url="https://127.0.0.1") as c:
         assert "Secure" in _set_cookie(_login(c))
 
 

@@ -22,7 +22,7 @@ from tests.support import ServerProcess
 
 with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what we have
     warnings.simplefilter("ignore")
-    from fastapi.testclient import TestClient
+    from tests.server.conftest import TestClient
 
 XSS = "<script>alert(1)</script>"
 MAX_POINTS = 100
