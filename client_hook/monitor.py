@@ -30,7 +30,8 @@ from client_hook.engine import ParamGroups, StepSample
 from client_hook.measure import StepMeasurer
 from client_hook.scalars import ScalarsItem
 from client_hook.spool import RunSpool, default_spool_dir
-from client_hook.transport import DeliveryReport, DeliveryWorker, FileSink, HttpSink, WarnOnce
+from client_hook.transport import DeliveryReport, FileSink, HttpSink, WarnOnce
+from client_hook.worker import DeliveryWorker
 
 EPOCH_VALUES = frozenset({"total_loss", "balancer_loss", "wall_time"})
 Number = float | int | torch.Tensor

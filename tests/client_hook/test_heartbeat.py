@@ -13,7 +13,8 @@ import pytest
 from client_hook import GradwatchWarning
 from client_hook.api import ApiClient, RunUploader
 from client_hook.spool import RunSpool
-from client_hook.transport import DeliveryWorker, HttpSink, WarnOnce
+from client_hook.transport import HttpSink, WarnOnce
+from client_hook.worker import DeliveryWorker
 from tests.client_hook.fake_api import FakeApi
 from tests.client_hook.hook_support import TASKS
 

@@ -18,7 +18,8 @@ from client_hook.api import ApiClient, RunUploader, parse_retry_after
 from client_hook.spool import EpochJournal, RunSpool, dumps
 from client_hook.sync_cli import add_arguments
 from client_hook.sync_cli import run as sync_run
-from client_hook.transport import DeliveryWorker, FileSink, HttpSink, WarnOnce
+from client_hook.transport import FileSink, HttpSink, WarnOnce
+from client_hook.worker import DeliveryWorker
 from tests.client_hook.fake_api import FakeApi
 from tests.client_hook.hook_support import TASKS, DualTaskMLP, train
 
