@@ -24,7 +24,7 @@ and are removed at the next ``observe()``: a step that is not sampled runs none 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ class ParamGroups:
     ``fully_shard`` swaps a module's sharded parameters for unsharded ones during the
     forward, and those are what the step's graph holds."""
 
-    def __init__(self, shared: torch.nn.Module | Tensor | Sequence[Tensor] | Mapping[str, Any]):
+    def __init__(self, shared: torch.nn.Module | Tensor | Iterable[Tensor] | Mapping[str, Any]):
         if isinstance(shared, Mapping):
             named = [(str(k), _sources(v)) for k, v in shared.items()]
         elif isinstance(shared, torch.nn.Module):
@@ -229,7 +229,8 @@ class StepSample:
 
     def numbers(self, num_groups: int, num_tasks: int) -> dict[str, Any]:
         """The sample's values by name: ``grams`` ``[G][T][T]``, per-task lists, floats."""
-        values, pos, out = self.floats(), 0, {}
+        values, pos = self.floats(), 0
+        out: dict[str, Any] = {}
         for name in self.layout:
             if name == "grams":
                 size = num_groups * num_tasks * num_tasks
