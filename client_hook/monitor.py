@@ -10,14 +10,12 @@ delivery thread.
 from __future__ import annotations
 
 import atexit
-import json
 import math
 import os
 import sys
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from client_hook.api import TOKEN_ENV, URL_ENV, ApiClient, RunUploader, check_ur
 from client_hook.distributed import global_batch_reducer
 from client_hook.engine import ParamGroups, StepSample
 from client_hook.measure import StepMeasurer
+from client_hook.run_info import rank_and_world, run_header
 from client_hook.scalars import ScalarsItem
 from client_hook.spool import RunSpool, default_spool_dir
 from client_hook.transport import DeliveryReport, FileSink, HttpSink, WarnOnce
@@ -36,13 +35,6 @@ from client_hook.worker import DeliveryWorker
 EPOCH_VALUES = frozenset({"total_loss", "balancer_loss", "wall_time"})
 Number = float | int | torch.Tensor
 Shared = torch.nn.Module | torch.Tensor | Iterable[torch.Tensor] | Mapping[str, Any]
-
-
-def _rank() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else from torchrun's env vars."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _trackers(forward_to: Sequence[Any]) -> list[Any]:
@@ -58,33 +50,6 @@ def _to_float(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
         return float(value.detach().reshape(()).cpu().item())
     return float(value)
-
-
-def _run_header(
-    tasks: list[str],
-    run_name: str | None,
-    project: str,
-    config: Mapping[str, Any] | None,
-    run_id: str | uuid.UUID | None,
-    all_ranks: bool,
-    rank: int,
-    world_size: int,
-) -> dict[str, Any]:
-    """The run as the server's ``POST /api/runs`` takes it."""
-    base_id = uuid.UUID(str(run_id)) if run_id else uuid.uuid4()
-    settings = dict(config or {})
-    name = run_name or f"{Path(sys.argv[0] or 'python').stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    if all_ranks and world_size > 1:
-        base_id = uuid.uuid5(base_id, f"rank{rank}")
-        name = f"{name}-rank{rank}"
-        settings.update(rank=rank, world_size=world_size)
-    return {
-        "id": str(base_id),
-        "name": name,
-        "project": project,
-        "tasks": tasks,
-        "config": json.loads(json.dumps(settings, default=str)),
-    }
 
 
 class GradMonitor:
@@ -167,11 +132,11 @@ class GradMonitor:
         )
         self.initial_losses = dict(initial_losses or {})
         self._initial: list[float] | None = None
-        self.rank, world_size = _rank()
+        self.rank, world_size = rank_and_world()
         self.active = all_ranks or self.rank == 0  # sends records
         # measures: every rank takes part in the global numbers (`client_hook.distributed`)
         self.measuring = self.active or reduce is not None
-        self.run = _run_header(
+        self.run = run_header(
             self.tasks, run_name, project, config, run_id, all_ranks, self.rank, world_size
         )
         self.run_id = self.run["id"]
