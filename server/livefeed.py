@@ -30,6 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import orjson
@@ -131,9 +132,20 @@ def signatures(session: Session, run_ids: list[uuid.UUID]) -> dict[uuid.UUID, tu
     """One query: what changes when a run's epochs, summary or alerts change."""
     r = models.Run
     cols = (r.id, r.status, r.epoch_count, r.open_alert_count, r.flagged, r.updated_at)
+    lost = _lost(session)
     return {
-        row[0]: tuple(row[1:]) for row in session.execute(sa.select(*cols).where(r.id.in_(run_ids)))
+        row[0]: tuple(row[1:])
+        for row in session.execute(sa.select(*cols, lost).where(r.id.in_(run_ids)))
     }
+
+
+def _lost(session: Session) -> Any:
+    """1 for a running run not heard from for GRADWATCH_LOST_AFTER (no write marks it: the
+    polls notice it going lost, and back)."""
+    r = models.Run
+    cutoff = models.utcnow() - timedelta(seconds=queries.session_lost_after(session))
+    seen = sa.func.coalesce(r.last_seen_at, r.updated_at)
+    return sa.case((sa.and_(r.status == "running", seen < cutoff), 1), else_=0)
 
 
 class Hub:
@@ -259,7 +271,7 @@ class Hub:
     async def _poll_once(self) -> None:
         ids = list(self.feeds)
         sigs, list_sig = await self.read(
-            lambda s: (signatures(s, ids) if ids else {}, _list_sig(s))
+            lambda s: (signatures(s, ids) if ids else {}, list_signature(s))
         )
         for run_id in ids:
             feed = self.feeds.get(run_id)
@@ -300,9 +312,11 @@ class Hub:
         self._bump_list()
 
 
-def _list_sig(session: Session) -> tuple[Any, ...]:
+def list_signature(session: Session) -> tuple[Any, ...]:
+    """What changes when the runs list changes: a run added, updated, or going lost."""
     r = models.Run
-    return tuple(session.execute(sa.select(sa.func.count(), sa.func.max(r.updated_at))).one())
+    lost = sa.func.sum(_lost(session))
+    return tuple(session.execute(sa.select(sa.func.count(), sa.func.max(r.updated_at), lost)).one())
 
 
 def hub_of(app: Any) -> Hub:

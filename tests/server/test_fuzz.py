@@ -103,7 +103,14 @@ def _task_names(case: Any) -> list[str]:
         names.update(
             dict.fromkeys(n for pair in _pairs(record) for n in pair if isinstance(n, str))
         )
+        for group in _groups(record):
+            names.update(dict.fromkeys(group.get("grad_norm") or {}))
     return list(names)
+
+
+def _groups(record: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = record.get("groups")
+    return [g for g in groups if isinstance(g, dict)] if isinstance(groups, list) else []
 
 
 def _seed(case: Any) -> None:
@@ -131,6 +138,24 @@ def _pairs_valid(case: Any) -> bool:
     return True
 
 
+def _cross_fields_valid(case: Any) -> bool:
+    """The other rules JSON Schema cannot state: every group of a record names every task of
+    the run (the seeded run has the tasks the batch names) under a name of its own; a re-arm
+    level is at most the run's threshold (10 unless the body sets one)."""
+    names = set(_task_names(case))
+    for record in _records(case):
+        groups = _groups(record)
+        if groups and not names:  # a run has tasks: a group names them
+            return False
+        if any(set(g.get("grad_norm") or {}) != names for g in groups):
+            return False
+        if len({g.get("name") for g in groups}) != len(groups):
+            return False
+    body = case.body if isinstance(case.body, dict) else {}
+    rearm, threshold = body.get("rearm_ratio"), body.get("ratio_threshold") or 10.0
+    return not (isinstance(rearm, (int, float)) and rearm > threshold)
+
+
 def _positive(case: Any) -> bool:
     generation = getattr(case.meta, "generation", None)
     return bool(generation is not None and generation.mode.is_positive)
@@ -147,7 +172,7 @@ FUZZ = settings(
 def _check(case: Any, app: ASGIApp, headers: dict[str, str]) -> None:
     TARGET.app, TARGET.headers = app, headers
     if _positive(case):
-        hypothesis.assume(_pairs_valid(case))
+        hypothesis.assume(_pairs_valid(case) and _cross_fields_valid(case))
     _seed(case)
     case.call_and_validate(app=TARGET, headers=headers, excluded_checks=NOT_APPLICABLE)
 

@@ -77,18 +77,17 @@ def test_late_epoch_brings_a_lost_run_back(fast_client: TestClient) -> None:
 
 def test_runs_stream_notices_a_run_going_lost(fast_client: TestClient, migrated_url: str) -> None:
     from server.db import make_session_factory
-    from server.routes.stream import list_signature
+    from server.livefeed import list_signature
 
     make_run(fast_client)
     engine = create_db_engine(migrated_url)
     factory = make_session_factory(engine, {"lost_after": LOST_AFTER})
-    filters = {"project": None, "status": None, "flagged": None}
     try:
         with factory() as s:
-            before = list_signature(s, filters)
+            before = list_signature(s)
         _silence()
         with factory() as s:
-            assert list_signature(s, filters) != before
+            assert list_signature(s) != before
     finally:
         engine.dispose()
 

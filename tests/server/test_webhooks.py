@@ -4,7 +4,6 @@ and that a receiver that is down, slow or failing never holds up ingest."""
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,12 +12,8 @@ import pytest
 from server.config import Settings, WebhookTarget
 from server.main import create_app
 from server.webhooks import Snapshot, transitions
-from tests.server.conftest import epoch, ingest, make_run
+from tests.server.conftest import TestClient, epoch, ingest, make_run
 from tests.server.webhook_receiver import Receiver, down_url, wait_for
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from fastapi.testclient import TestClient
 
 HIGH, LOW = {"rul": 40.0, "health": 1.0}, {"rul": 2.0, "health": 1.0}  # ratio 40x / 2x
 
