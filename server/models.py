@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from client_hook import gradstats
+
 NAN_SENTINEL = "NaN"
 
 
@@ -190,16 +192,8 @@ class TaskEpoch(Base):
     target_grad_norm: Mapped[float | None] = mapped_column(FloatNaN)
 
 
-TASK_FIELDS: tuple[str, ...] = (
-    "grad_norm",
-    "weighted_grad_norm",
-    "loss",
-    "loss_ratio",
-    "relative_inverse_rate",
-    "task_weight",
-    "contribution_share",
-    "target_grad_norm",
-)
+# the per-task fields of an epoch record, as the client defines them, then GradNorm's target
+TASK_FIELDS: tuple[str, ...] = (*gradstats.TASK_FIELDS, "target_grad_norm")
 EPOCH_FIELDS: tuple[str, ...] = (
     "grad_norm_ratio",
     "peak_grad_norm_ratio",

@@ -11,6 +11,7 @@ exactly the method's direction J^T w; each task head gets w_i times its own grad
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,8 +49,9 @@ class GramBalancer(Balancer):
     def _weight_vector(self) -> Tensor:
         return self._weight
 
+    @abstractmethod
     def weights_from_gram(self, gram: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The task weights (or the combination) for this step's T x T Gram matrix."""
 
     def _needs_gram(self) -> bool:
         return True
