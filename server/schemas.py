@@ -104,20 +104,9 @@ class RunStatus(str, Enum):
     interrupted = "interrupted"  # stopped from outside (SIGTERM: preemption, scancel, spot)
 
 
-class RunCreate(ApiModel):
-    """POST /api/runs. With an `id` that already exists the run is resumed (idempotent create)."""
+class RunAlertSettings(ApiModel):
+    """A run's own imbalance alert settings (None: the server's defaults)."""
 
-    id: uuid.UUID | None = None
-    name: Text
-    project: Text = "default"
-    tasks: list[TaskName] = Field(
-        min_length=1,
-        description="Ordered, unique task names.",
-        json_schema_extra={"uniqueItems": True},
-    )
-    config: Annotated[dict[str, Any], AfterValidator(_unicode_json)] = Field(
-        default_factory=dict, description="Any JSON object (valid Unicode: no lone surrogates)."
-    )
     ratio_threshold: float | None = Field(
         default=None, gt=1.0, description="Overrides the server default (10)."
     )
@@ -132,20 +121,26 @@ class RunCreate(ApiModel):
     )
 
 
-class RunUpdate(ApiModel):
+class RunCreate(RunAlertSettings):
+    """POST /api/runs. With an `id` that already exists the run is resumed (idempotent create)."""
+
+    id: uuid.UUID | None = None
+    name: Text
+    project: Text = "default"
+    tasks: list[TaskName] = Field(
+        min_length=1,
+        description="Ordered, unique task names.",
+        json_schema_extra={"uniqueItems": True},
+    )
+    config: Annotated[dict[str, Any], AfterValidator(_unicode_json)] = Field(
+        default_factory=dict, description="Any JSON object (valid Unicode: no lone surrogates)."
+    )
+
+
+class RunUpdate(RunAlertSettings):
     """PATCH /api/runs/{id}: mark finished/failed/crashed/interrupted, or change the threshold."""
 
     status: RunStatus | None = None
-    ratio_threshold: float | None = Field(default=None, gt=1.0)
-    alert_open_epochs: int | None = Field(
-        default=None, ge=1, le=10_000, description="Imbalance opens after this many epochs above."
-    )
-    alert_close_epochs: int | None = Field(
-        default=None, ge=1, le=10_000, description="...closes after this many below re-arm."
-    )
-    rearm_ratio: float | None = Field(
-        default=None, gt=0, description="Re-arm level (<= threshold; default 0.7 x threshold)."
-    )
 
 
 class RunRead(ApiModel):
