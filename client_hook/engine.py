@@ -142,6 +142,7 @@ class BackwardReader:
     def _start(self) -> None:
         self._coeffs: list[Tensor | None] = [None] * self._num_losses
         self._c: Tensor | None = None
+        self._direct: Tensor | None = None  # c without the derived task's coefficient
         self._kept: list[Tensor | None] = [None] * len(self._needed)
         self._missing = sum(self._needed)
         self._params_seen = False
@@ -162,9 +163,11 @@ class BackwardReader:
             if self._c is None:
                 if any(c is None for c in self._coeffs):
                     return  # not a pass through every observed loss: never complete
-                self._c = torch.stack(self._coeffs)  # type: ignore[arg-type]
+                self._c = c = torch.stack(self._coeffs)  # type: ignore[arg-type]
+                d = self._derived
+                self._direct = c if d is None else torch.cat([c[:d], c[d + 1 :]])
             with torch.no_grad():  # inside backward(create_graph=True) too
-                self._kept[k] = self._consume(k, grad.detach())
+                self._kept[k] = self._consume(k, grad)
             self._missing -= self._needed[k]
             if not self._missing:
                 self.result = (self._c, list(self._kept))
@@ -172,17 +175,18 @@ class BackwardReader:
         return hook
 
     def _consume(self, k: int, g: Tensor) -> Tensor:
-        rows, c, d = self._rows[k], self._c, self._derived
-        assert c is not None
+        rows, c, d, direct = self._rows[k], self._c, self._derived, self._direct
+        assert c is not None and direct is not None
         flat = g.reshape(-1)
         if rows is None:  # no directly computed task reaches this parameter
-            rows = flat.new_zeros(len(c) - (d is not None), flat.numel())
+            rows = flat.new_zeros(len(direct), flat.numel())
         rows = rows.reshape(rows.shape[0], -1)
+        if direct.dtype != flat.dtype:
+            direct = direct.to(flat.dtype)
+        residual = torch.addmv(flat, rows.T, direct, alpha=-1)  # g - sum_{i != d} c_i g_i
         if d is None:  # verification: ||g - sum_i c_i g_i||^2 and ||g||^2
-            residual = torch.addmv(flat, rows.T, c.to(flat.dtype), alpha=-1)
             return torch.stack([residual.square().sum(), flat.square().sum()])
-        direct = torch.cat([c[:d], c[d + 1 :]]).to(flat.dtype)
-        return torch.addmv(flat, rows.T, direct, alpha=-1).div_(c[d]).reshape(g.shape)
+        return residual.div_(c[d]).reshape(g.shape)
 
     def close(self) -> tuple[Tensor, list[Tensor | None]] | None:
         for handle in self._handles:

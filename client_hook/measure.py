@@ -152,14 +152,13 @@ class StepMeasurer:
         if self.reduce is not None:
             self.reduce([*present, losses])
         like = present[0]
-        grams = like.new_zeros(self.num_groups, self.num, self.num, dtype=_wide(like.dtype))
-        for blocks, group in zip(total, self.group_of, strict=True):
-            if blocks is not None:
-                flat = [b.reshape(b.shape[0], -1).to(grams.dtype) for b in blocks]
-                grams[group] += torch.cat([torch.cat([a @ b.T for b in flat], 1) for a in flat])
+        grams = self._grams(total, _wide(like.dtype))
         where = [self._order.index(task) for task in range(self.num)]  # row of each task
-        grams = grams[:, where][:, :, where]
-        parts = {"grams": grams / (count * count), "losses": losses / count}
+        if where != sorted(where):
+            grams = grams[:, where][:, :, where]
+        if count > 1:
+            grams, losses = grams / (count * count), losses / count
+        parts = {"grams": grams, "losses": losses}
         weights = host.pop("weights")
         parts["weights"] = _vector(weights, like.device)
         for name in ("reported_weights", "target_grad_norm"):
@@ -168,6 +167,39 @@ class StepMeasurer:
         if "balancer_loss" in host:
             parts["balancer_loss"] = _vector([host.pop("balancer_loss")], like.device)
         return StepSample.pack(parts)
+
+    def _grams(self, total: list[Blocks], dtype: torch.dtype) -> Tensor:
+        """Per group the Gram of the step's task gradients (rows in `_order`): per pair of row
+        blocks ``a @ b.T`` summed over the group's parameters in place (upper blocks only),
+        then assembled; no gradient is copied."""
+        sums: list[dict[tuple[int, int], Tensor]] = [{} for _ in range(self.num_groups)]
+        for blocks, group in zip(total, self.group_of, strict=True):
+            if blocks is None:
+                continue
+            flat = [b.reshape(b.shape[0], -1) for b in blocks]
+            if flat[0].dtype != dtype:
+                flat = [f.to(dtype) for f in flat]
+            acc = sums[group]
+            for i, a in enumerate(flat):
+                for j in range(i, len(flat)):
+                    prev = acc.get((i, j))
+                    acc[i, j] = a @ flat[j].T if prev is None else prev.addmm_(a, flat[j].T)
+        out: list[Tensor | None] = []
+        for acc in sums:
+            if not acc:
+                out.append(None)
+                continue
+            size = 1 + max(i for i, _ in acc)
+            if size == 1:
+                out.append(acc[0, 0])
+                continue
+            rows = [
+                torch.cat([acc[i, j] if i <= j else acc[j, i].T for j in range(size)], 1)
+                for i in range(size)
+            ]
+            out.append(torch.cat(rows))
+        like = next(g for g in out if g is not None)
+        return torch.stack([like.new_zeros(like.shape) if g is None else g for g in out])
 
     def _reset_step(self) -> None:
         self._sum, self._count, self._loss_sum, self._broken, self._host = None, 0, None, False, {}
