@@ -71,19 +71,20 @@ from client_hook import GradMonitor
 
 TASKS = ["rul", "health"]
 BLOCK = 50
+SEQUENCE = 64  # the transformer's tokens per sample
 MODES = ("plain", "control", "default", "every", "naive", "handrolled")
 
 
 class DualTask(nn.Module):
     def __init__(self, widths: tuple[int, ...]) -> None:
         super().__init__()
-        if not widths:  # the transformer: 17 features per token -> 256, six encoder layers
-            layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
+        if not widths:  # the transformer: 17 features per token -> 512, six encoder layers
+            width = 512
+            layer = nn.TransformerEncoderLayer(width, 8, 4 * width, dropout=0.0, batch_first=True)
             self.shared = nn.Sequential(
-                nn.Linear(17, 256), nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
+                nn.Linear(17, width), nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
             )
             self.pool = True
-            width = 256
         else:
             layers: list[nn.Module] = []
             width = 17
@@ -123,7 +124,7 @@ class Net:
         self.params = list(self.model.shared.parameters())
         gen = torch.Generator().manual_seed(0)
         batch = 256 if widths else 32
-        shape = (batch, 17) if widths else (batch, 32, 17)
+        shape = (batch, 17) if widths else (batch, SEQUENCE, 17)
         self.x = torch.randn(*shape, generator=gen).to(device)
         self.y_rul = (torch.randn(batch, generator=gen) * 30 + 60).to(device)
         self.y_health = torch.randint(0, 3, (batch,), generator=gen).to(device)
@@ -415,11 +416,9 @@ def main() -> None:
                 label, (1024,) * 4, cycles, rounds, epochs, args.warm_steps, args.device, folder
             )
         if args.model in ("all", "transformer"):
-            cycles = args.cycles or (1 if args.quick else 3)
-            rounds = args.rounds or 1
-            label = "transformer encoder 6x256, batch 32x32 tokens, heads 1+3"
-            epochs = args.epochs or 1
-            measure(label, (), cycles, rounds, epochs, 2, args.device, folder)
+            from bench.hook_steps import transformer_cost
+
+            transformer_cost(args.cycles or (1 if args.quick else 8), args.device, folder)
 
 
 if __name__ == "__main__":
