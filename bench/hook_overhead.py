@@ -1,10 +1,10 @@
 """What does GradMonitor cost per training step? A benchmark: it prints figures, asserts nothing.
 
 Three models: the seeds' DualTaskMLP (17 -> 32 shared, heads 1 and 3), a wider one with a
-4 x 1024 ReLU trunk (both batch 256), and a transformer encoder (6 layers, 256 wide, 4 heads,
-batch 32 x 32 tokens of 17 features, mean-pooled, the same two heads: a CPU-sized stand-in for
-the models people train). CPU, ``torch.set_num_threads(1)``, SGD. Modes, one step each =
-forward + backward + ``opt.step()``:
+4 x 1024 ReLU trunk (both batch 256), and a transformer encoder (6 layers, 512 wide, 8 heads,
+batch 32 x 64 tokens of 17 features, mean-pooled, the same two heads: closer to the models
+people train; timed step by step by `bench/hook_steps.py`, its docstring says how). CPU,
+``torch.set_num_threads(1)``, SGD. Modes, one step each = forward + backward + ``opt.step()``:
 
 - ``plain``: no monitor; ``control``: the same again (what it shows against ``plain`` is noise);
 - ``default``: GradMonitor with the default ``sample_every=50``;
