@@ -253,6 +253,30 @@ class StepMeasurer:
         )
 
 
+def per_task_report(
+    tasks: Sequence[str], extras: Mapping[str, Any], weights: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A balancer's report (``task_weight``, ``target_grad_norm``: per task name;
+    ``balancer_loss``: one value) as per-task lists in task order; a weight it leaves out is
+    the one given to ``observe``."""
+    by_task = {
+        name: [values.get(t, default) for t in tasks]
+        for name, values, default in (
+            ("reported_weights", extras.get("task_weight"), None),
+            ("target_grad_norm", extras.get("target_grad_norm"), math.nan),
+        )
+        if values is not None
+    }
+    if extras.get("balancer_loss") is not None:
+        by_task["balancer_loss"] = extras["balancer_loss"]
+    if "reported_weights" in by_task:
+        given = by_task["reported_weights"]
+        by_task["reported_weights"] = [
+            weights.get(t, 1.0) if v is None else v for t, v in zip(tasks, given, strict=True)
+        ]
+    return by_task
+
+
 def _reorder(blocks: list[Tensor], order: list[int], to: list[int]) -> Tensor:
     """The row blocks (rows in `order`) as one tensor with rows in order `to`."""
     rows = torch.cat([b.to(blocks[0].dtype) for b in blocks])

@@ -10,7 +10,6 @@ delivery thread.
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from client_hook import gradstats, signals
 from client_hook.api import TOKEN_ENV, URL_ENV, ApiClient, RunUploader, check_url
 from client_hook.distributed import global_batch_reducer
 from client_hook.engine import ParamGroups, StepSample
-from client_hook.measure import StepMeasurer
+from client_hook.measure import StepMeasurer, per_task_report
 from client_hook.run_info import rank_and_world, run_header
 from client_hook.scalars import ScalarsItem
 from client_hook.spool import RunSpool, default_spool_dir
@@ -230,7 +229,7 @@ class GradMonitor:
             self._sampled = False
             self.measurer.discard()
             return
-        by_task = self._extras(extras, weights)
+        by_task = per_task_report(self.tasks, extras, weights)
         try:
             self.measurer.observe(loss_list, [weights.get(t, 1.0) for t in self.tasks], by_task)
             self._weights = weights
@@ -250,27 +249,7 @@ class GradMonitor:
         of the step are those given to ``observe`` (a balancer may have stepped them since)."""
         if self._sampled and self.measurer.pending is not None:
             computed = {k: v for k, v in extras.items() if k != "task_weight"}
-            self.measurer.note(self._extras(computed, self._weights))
-
-    def _extras(self, extras: Mapping[str, Any], weights: Mapping[str, Any]) -> dict[str, Any]:
-        """A balancer's report as per-task lists in task order."""
-        by_task = {
-            name: [values.get(t, default) for t in self.tasks]
-            for name, values, default in (
-                ("reported_weights", extras.get("task_weight"), None),
-                ("target_grad_norm", extras.get("target_grad_norm"), math.nan),
-            )
-            if values is not None
-        }
-        if extras.get("balancer_loss") is not None:
-            by_task["balancer_loss"] = extras["balancer_loss"]
-        if "reported_weights" in by_task:
-            given = by_task["reported_weights"]
-            by_task["reported_weights"] = [
-                weights.get(t, 1.0) if v is None else v
-                for t, v in zip(self.tasks, given, strict=True)
-            ]
-        return by_task
+            self.measurer.note(per_task_report(self.tasks, computed, self._weights))
 
     def _catch_up(self, end_step: bool = False) -> None:
         """Settle the pending micro-batch; with `end_step`, close the optimizer step."""
