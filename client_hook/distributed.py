@@ -10,6 +10,11 @@ float32 unless the parameters are wider) before the Gram matrices are taken, so 
 holds the global numbers; only rank 0 sends them. No collective runs on a step that is not
 sampled, and every rank samples the same steps: the decision is a pure function of the step
 counters, which DDP keeps equal across ranks (every rank runs every step).
+
+Balancers that measure task gradients themselves (GradNorm, inverse-grad, the Gram methods,
+PCGrad) would otherwise decide per rank from the local batch, and the ranks' task weights would
+drift apart: they too combine the ranks on every step (`client_hook.balancers.task_grad`,
+`client_hook.balancers.pcgrad`) with `all_reduce_mean`, whenever `data_parallel_ranks` > 1.
 """
 
 from __future__ import annotations
@@ -21,12 +26,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def data_parallel_ranks() -> int:
+    """How many ranks' batches make the global batch: the world size of an initialised
+    torch.distributed default group, else 1."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
 def global_batch_reducer(all_ranks: bool) -> Callable[[list[Tensor]], None] | None:
     """`all_reduce_mean` when this process is one of several data-parallel ranks whose numbers
     are combined (`all_ranks` False); None otherwise (one process, or each rank its own run)."""
-    if all_ranks or not (dist.is_available() and dist.is_initialized()):
-        return None
-    return all_reduce_mean if dist.get_world_size() > 1 else None
+    return None if all_ranks or data_parallel_ranks() == 1 else all_reduce_mean
 
 
 def all_reduce_mean(tensors: list[Tensor]) -> None:

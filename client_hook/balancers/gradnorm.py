@@ -22,6 +22,10 @@ call `measure(losses)` first (the reference trainer does) and it has this step's
 balancer loss, which `backward()` then reuses; without it, it has the weights only until
 `backward()` has run.
 
+Data parallelism (DistributedDataParallel): G_i and the loss ratios are those of the global
+batch (`task_grad.py`: one all-reduce per step of the per-task gradients at W and the losses),
+so every rank holds the same weights, equal to one process's on the concatenated batch.
+
 Speed: give each task's loss as its own tensor. Slices of one stacked tensor
 (``{t: per_task[i]}``) make every per-task pass run through every head (6.0 -> 11.9 ms per
 step with 10 tasks); a warning says so once.
@@ -115,12 +119,14 @@ class GradNorm(Balancer):
         stacked = self.stack(losses)
         warn_if_slices(self, losses)
         weight = self.raw_weights
-        detached = stacked.detach().float()
-        self.initial_losses = self._initial_from(detached)
+        detached = stacked.detach().to(torch.float32, copy=True)
 
         # ||grad_W L_i||, no graph. From the caller's losses, not from views of `stacked`: a
         # backward from stacked[i] runs through the stack into EVERY task's head (with zeros).
-        grad_norm = self.grad_norms([losses[task] for task in self.tasks])
+        # Under data parallelism the global batch's norms and losses (one all-reduce), so that
+        # every rank steps the weights identically.
+        grad_norm = self.grad_norms([losses[task] for task in self.tasks], averaged=detached)
+        self.initial_losses = self._initial_from(detached)
         weighted_norm = weight * grad_norm  # G_i; graph through w only
         loss_ratio = detached / self.initial_losses.clamp_min(_TINY)
         relative_inverse_rate = loss_ratio / loss_ratio.mean()

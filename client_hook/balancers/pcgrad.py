@@ -3,7 +3,10 @@
 For each task i and each other task j in random order: if g_i . g_j < 0, project g_i onto the normal
 plane of g_j, g_i <- g_i - (g_i . g_j / ||g_j||^2) g_j. The shared parameters are updated with
 sum_i g_i; the task-specific parameters with the plain sum of the losses. It changes directions,
-not magnitudes, and needs one gradient over all shared parameters per task.
+not magnitudes, and needs one gradient over all shared parameters per task. Under
+DistributedDataParallel it projects the global batch's task gradients (one all-reduce of T x P
+numbers per step, P the shared parameters' elements); the visiting order is the same on every
+rank (the same seed, one draw per step).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from client_hook.balancers.base import Balancer, shared_parameters
+from client_hook.distributed import all_reduce_mean, data_parallel_ranks
 
 
 class PCGrad(Balancer):
@@ -54,6 +58,12 @@ class PCGrad(Balancer):
                 for loss in stacked.unbind()
             ]
         )  # (T, P)
+        if data_parallel_ranks() > 1:
+            # The projection is not linear: averaging the ranks' projected sums (what DDP alone
+            # would do) is not PCGrad of the global batch. Project the global batch's task
+            # gradients (the ranks' mean: one all-reduce of T x P numbers), every rank the same
+            # ones in the same order; DDP then averages identical gradients.
+            all_reduce_mean([flat])
         projected = self._project(flat).sum(0)
         pieces = iter(projected.split([p.numel() for p in self.params]))
         # The task heads still need the plain gradient of sum_i L_i; a hook on each shared

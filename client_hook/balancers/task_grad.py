@@ -20,6 +20,14 @@ layer of weights to save on compute"):
 `TaskGradNorms.gram` gives the T x T Gram matrix <grad_W L_i, grad_W L_j> of the same gradients
 (the input of the Gram-based balancers, `gram_weights.py`); its diagonal is the squared norms.
 
+Under data parallelism (DistributedDataParallel, R > 1 ranks of equal local batches, mean
+losses) both describe the GLOBAL batch, so that every rank takes the same balancing decision:
+the global gradient at a parameter W is the mean of the ranks', so the T per-task gradients at
+W (T x |W| numbers; ``delta_i^T x`` for the last layer) are averaged in ONE all-reduce per
+step before the Gram is taken (cross-rank products make the Gram itself not a sum of local
+ones). At the representation h each rank holds its own rows of the global h, and the global
+Gram is the sum of the ranks' local Grams over R^2: an all-reduce of T x T numbers.
+
 A second forward pass through the hooked layer before the step (a forward on another batch, an
 evaluation with gradients on) would leave the captured tensors unrelated to the losses, so every
 delta would be zero and G = 0: that case is detected (no loss reaches the captured output),
@@ -39,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from client_hook.balancers.base import shared_parameters
+from client_hook.distributed import all_reduce_mean, data_parallel_ranks
 
 MODES = ("last_layer", "parameters", "representation")
 
@@ -130,8 +139,12 @@ class TaskGradNorms:
         self._output_version = output._version
         return output if self._protect_output else None
 
-    def __call__(self, losses: Sequence[Tensor]) -> Tensor:
-        """||grad_W L_i|| for each loss; the graph is retained for the step's own backward."""
+    def __call__(self, losses: Sequence[Tensor], *, averaged: Tensor | None = None) -> Tensor:
+        """||grad_W L_i|| for each loss; the graph is retained for the step's own backward.
+        Under data parallelism, of the global batch, with `averaged` (e.g. the detached
+        losses) averaged over the ranks in place, in the same all-reduce."""
+        if data_parallel_ranks() > 1:
+            return self.gram(losses, averaged=averaged).diagonal().clamp_min(0).sqrt().float()
         captured = self._deltas(losses)
         if captured is None:
             return self._by_autograd(losses)
@@ -144,20 +157,32 @@ class TaskGradNorms:
             norms = linear_weight_grad_norms(captured_input, deltas, with_bias=self.with_bias)
         return norms.float()  # float32 whatever the model's dtype, as `_by_autograd` returns
 
-    def gram(self, losses: Sequence[Tensor]) -> Tensor:
+    def gram(self, losses: Sequence[Tensor], *, averaged: Tensor | None = None) -> Tensor:
         """The (T, T) Gram matrix <grad_W L_i, grad_W L_j>, float32 (float64 for float64 models);
-        the graph is retained for the step's own backward."""
+        the graph is retained for the step's own backward. Under data parallelism, of the
+        global batch (see the module's docstring), with `averaged` averaged over the ranks in
+        place, in the same all-reduce."""
+        ranks, riders = data_parallel_ranks(), [] if averaged is None else [averaged]
         captured = self._deltas(losses)
+        if captured is not None and self.on == "representation":
+            gram = _gram_of([(_compute_dtype(d),) for d in captured[0]])
+            if ranks > 1:  # mean_r K_r / R = sum_r K_r / R^2
+                all_reduce_mean([gram, *riders])
+                gram = gram / ranks
+            return gram
         if captured is None:
-            return _gram_of([_grads(loss, self.params) for loss in losses])
-        deltas, captured_input = captured
-        if self.on == "representation":
-            return _gram_of([(_compute_dtype(d),) for d in deltas])
-        assert captured_input is not None
-        x = _compute_dtype(captured_input.reshape(-1, captured_input.shape[-1]))
-        rows = [_compute_dtype(d).reshape(-1, d.shape[-1]) for d in deltas]
-        pieces = [((d.T @ x), d.sum(0)) if self.with_bias else (d.T @ x,) for d in rows]
-        return _gram_of(pieces)
+            pieces = [_grads(loss, self.params) for loss in losses]
+        else:
+            deltas, captured_input = captured
+            assert captured_input is not None
+            x = _compute_dtype(captured_input.reshape(-1, captured_input.shape[-1]))
+            rows = [_compute_dtype(d).reshape(-1, d.shape[-1]) for d in deltas]
+            pieces = [((d.T @ x), d.sum(0)) if self.with_bias else (d.T @ x,) for d in rows]
+        if ranks == 1:
+            return _gram_of(pieces)
+        grads = torch.stack([torch.cat([_compute_dtype(p).reshape(-1) for p in g]) for g in pieces])
+        all_reduce_mean([grads, *riders])
+        return grads @ grads.T
 
     def _deltas(self, losses: Sequence[Tensor]) -> tuple[list[Tensor], Tensor | None] | None:
         """dL_i/dz for each task (one backward per task from L_i to z, through the heads only)

@@ -73,11 +73,13 @@ def batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(3)]  # fmt: skip
 
 
-def launch(tmp_path, world: int, mode: str) -> tuple[list[int], dict | None]:
+def launch(tmp_path, world: int, mode: str, worker: str = WORKER) -> tuple[list[int], dict | None]:
+    """Run `worker` (argv: the output file, `mode`) on `world` gloo ranks; rank 0 writes the
+    output file. Returns the exit codes and what rank 0 wrote."""
     port, out = str(free_port()), str(tmp_path / "rank0.json")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, out, mode],
+            [sys.executable, "-c", worker, out, mode],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
