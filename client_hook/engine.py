@@ -44,8 +44,14 @@ class ParamGroups:
     are merged, consecutive ones together ("first..last").
 
     Modules are asked for their parameters at every sampled step (`params`): FSDP2's
-    ``fully_shard`` swaps a module's sharded parameters for unsharded ones during the
-    forward, and those are what the step's graph holds."""
+    ``fully_shard`` swaps a module's sharded parameters (DTensors) for unsharded ones during
+    its forward, and those are what the step's graph holds. By default it swaps them back
+    after the forward (``reshard_after_forward=True``), so where parameters are sharded when
+    the groups are made, a forward pre-hook on each module that owns monitored parameters
+    (it runs after FSDP's own, which unshards) records the unsharded ones as the module runs,
+    and `params` returns those in place of the DTensors. Autograd reaches them (they are the
+    graph's leaves; FSDP's pre-backward hooks gather their data again for any backward pass),
+    and their gradients are the rank's local ones: `client_hook.distributed` averages them."""
 
     def __init__(self, shared: torch.nn.Module | Tensor | Iterable[Tensor] | Mapping[str, Any]):
         if isinstance(shared, Mapping):
@@ -68,12 +74,26 @@ class ParamGroups:
             ]
         self.names = [n for n, _ in named]
         self._sources = [s for _, s in named]
+        self._unsharded: dict[tuple[int, str], Tensor] | None = None
         resolved = [p for group in self.params() for p in group]
         if len({id(p) for p in resolved}) != len(resolved):
             raise ValueError("a parameter belongs to two groups of `shared`")
+        if any(_sharded(p) for p in resolved):
+            self._unsharded = {}
+            modules = [x for sources in self._sources for x in sources]
+            for owner in {
+                m for x in modules if isinstance(x, torch.nn.Module) for m in x.modules()
+            }:
+                if next(owner.parameters(recurse=False), None) is not None:
+                    owner.register_forward_pre_hook(self._record_unsharded)
+
+    def _record_unsharded(self, module: torch.nn.Module, args: Any) -> None:
+        assert self._unsharded is not None
+        for name, param in module.named_parameters(recurse=False):
+            self._unsharded[id(module), name] = param
 
     def params(self) -> list[list[Tensor]]:
-        return [_resolve(sources) for sources in self._sources]
+        return [_resolve(sources, self._unsharded) for sources in self._sources]
 
 
 def param_groups(shared: Any) -> tuple[list[str], list[list[Tensor]]]:
@@ -86,14 +106,25 @@ def _sources(item: Any) -> list[Any]:
     return [item] if isinstance(item, (torch.nn.Module, Tensor)) else list(item)
 
 
-def _resolve(sources: Sequence[Any]) -> list[Tensor]:
+def _resolve(
+    sources: Sequence[Any], unsharded: dict[tuple[int, str], Tensor] | None = None
+) -> list[Tensor]:
     out: list[Tensor] = []
     for item in sources:
-        if isinstance(item, torch.nn.Module):
-            out += [p for p in item.parameters() if p.requires_grad]
-        else:
+        if not isinstance(item, torch.nn.Module):
             out.append(item)
+        elif unsharded is None:
+            out += [p for p in item.parameters() if p.requires_grad]
+        else:  # each sharded parameter as its module's last forward held it, if it ran
+            for owner in item.modules():
+                for name, p in owner.named_parameters(recurse=False):
+                    if p.requires_grad:
+                        out.append(unsharded.get((id(owner), name), p) if _sharded(p) else p)
     return out
+
+
+def _sharded(param: Tensor) -> bool:
+    return type(param).__name__ == "DTensor"  # FSDP2; by name: DTensor's module moved
 
 
 def task_grads(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Grads:

@@ -77,9 +77,9 @@ class StepMeasurer:
         if not any(g is not None for g in grads):
             if any(type(p).__name__ == "DTensor" for p in self.params):
                 raise ValueError(
-                    "the monitored parameters are sharded (FSDP2 resharded them after the "
-                    "forward): use fully_shard(..., reshard_after_forward=False) on the "
-                    "monitored layers, or shard only the root module"
+                    "the monitored parameters are sharded (FSDP2) and their unsharded "
+                    "forms were not seen in the forward: create the GradMonitor after "
+                    "fully_shard, and monitor modules (not tensors)"
                 )
             raise ValueError("no task loss depends on the monitored shared parameters")
         reader = None

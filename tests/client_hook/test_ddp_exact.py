@@ -33,6 +33,9 @@ WORKER = textwrap.dedent("""
         if mode == "fsdp2-layers":  # each layer its own unit, kept unsharded until backward
             for layer in net.shared:
                 fully_shard(layer, reshard_after_forward=False)
+        if mode == "fsdp2-resharded":  # each layer its own unit, resharded after its forward
+            for layer in net.shared:
+                fully_shard(layer)
         ddp = fully_shard(net)
         ddp.no_sync = None
     else:
@@ -56,9 +59,12 @@ WORKER = textwrap.dedent("""
     monitor.end_epoch()
     record = monitor.last_record
     monitor.close()
+    # the training itself is untouched by the measuring (FSDP2: gathered on every rank)
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in net.parameters()]
+    params = torch.cat([p.detach().reshape(-1) for p in full]).tolist()
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"record": record, "warnings": monitor.warn.messages}, f)
+            json.dump({"record": record, "warnings": monitor.warn.messages, "params": params}, f)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
@@ -123,13 +129,17 @@ def single_process_reference(world: int) -> tuple[list[dict], Net]:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("mode", ["plain", "accumulate", "fsdp2", "fsdp2-layers"])
+@pytest.mark.parametrize(
+    "mode", ["plain", "accumulate", "fsdp2", "fsdp2-layers", "fsdp2-resharded"]
+)
 def test_ddp_numbers_equal_one_process_on_the_global_batch(tmp_path, world, mode):
     codes, result = launch(tmp_path, world, mode)
     assert codes == [0] * world
     assert result is not None and result["warnings"] == []
-    refs, _ = single_process_reference(world)
+    refs, net = single_process_reference(world)
     check(result["record"], refs, rel=1e-5)
+    want = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    torch.testing.assert_close(torch.tensor(result["params"]), want, rtol=1e-5, atol=1e-7)
     record = result["record"]
     assert record["step_count"] == 3
     for task in WEIGHTS:
