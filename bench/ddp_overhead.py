@@ -9,8 +9,10 @@ trunk with heads 1 and 3 on its own batch of 128 under DDP. Modes, interleaved i
   backward and ONE all-reduce of the per-task gradients (``2 * N + 2`` floats);
 - ``default``: GradMonitor with ``sample_every=50`` (turns of 50 steps, one sampled).
 
-Rank 0 prints, per mode, the median time per step over the cycles, the ratio to ``plain`` (paired
-by cycle; p10-p90 over cycles), and the bytes one sampled step all-reduces.
+Rank 0 prints, per mode, the median time per step over the cycles and its p10-p90, the ratio to
+``plain`` (paired by cycle; p10-p90 over cycles), the extra time of a sampled step and what it
+adds on average at ``sample_every=50``, the bytes one sampled step all-reduces, and the load
+average (the figures are only as quiet as the machine).
 
     .venv/bin/python bench/ddp_overhead.py [--cycles N] [--steps N]
 """
@@ -90,18 +92,39 @@ def worker(rank: int, world: int, port: int, cycles: int, steps: int, folder: st
     for monitor in monitors.values():
         monitor.close()
     if rank == 0:
-        n = sum(p.numel() for p in model.shared.parameters())
-        print(f"DDP, {world} gloo ranks, 4x1024 trunk, batch 128 per rank, {cycles} cycles")
-        for mode in MODES:
-            ratios = [t / p for t, p in zip(times[mode], times["plain"], strict=True)]
-            spread = ""
-            if len(ratios) >= 5:
-                q = statistics.quantiles(ratios, n=10)
-                spread = f"  p10-p90 {q[0]:.3f}-{q[-1]:.3f}"
-            print(f"  {mode:8s} {statistics.median(times[mode]) * 1e3:8.2f} ms/step  "
-                  f"ratio {statistics.median(ratios):.3f}x{spread}")  # fmt: skip
-        print(f"  a sampled step all-reduces {(2 * n + 2) * 4 / 1e6:.1f} MB (2 tasks x {n} floats)")
+        report(times, sum(p.numel() for p in model.shared.parameters()), world, cycles)
     dist.destroy_process_group()
+
+
+def spread(values: list[float], digits: int) -> str:
+    """p10-p90 over the cycles (min-max when there are fewer than 5)."""
+    low, high = min(values), max(values)
+    if len(values) >= 5:
+        q = statistics.quantiles(values, n=10)
+        low, high = q[0], q[-1]
+    return f"p10-p90 {low:.{digits}f}-{high:.{digits}f}"
+
+
+def report(times: dict[str, list[float]], n: int, world: int, cycles: int) -> None:
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"DDP, {world} gloo ranks, 4x1024 trunk ({n} parameters), batch 128 per rank, "
+          f"{cycles} cycles; load average at the end {load} on {os.cpu_count()} CPUs")  # fmt: skip
+    median = {mode: statistics.median(times[mode]) for mode in MODES}
+    for mode in MODES:
+        ms = [t * 1e3 for t in times[mode]]
+        ratios = [t / p for t, p in zip(times[mode], times["plain"], strict=True)]
+        ratio = statistics.median(ratios)
+        print(f"  {mode:8s} {median[mode] * 1e3:8.2f} ms/step ({spread(ms, 1)})  "
+              f"to plain {ratio:.3f}x ({spread(ratios, 3)}, paired by cycle)")  # fmt: skip
+    extra = median["sampled"] - median["plain"]
+    share = extra / 50 / median["plain"]
+    print(f"  a sampled step costs {extra * 1e3:.1f} ms more than an unmonitored one: "
+          f"{share:.1%} of the step time on average at sample_every=50 (medians)")  # fmt: skip
+    payload = (2 * n + 2) * 4
+    per_rank = 2 * (world - 1) / world * payload
+    print(f"  a sampled step all-reduces {payload / 1e6:.1f} MB (2 tasks x {n} floats + 2 "
+          f"losses): a ring all-reduce sends and receives {per_rank / 1e6:.1f} MB per rank; "
+          f"DDP's own all-reduce of the trunk's gradient is {n * 4 / 1e6:.1f} MB")  # fmt: skip
 
 
 def main() -> None:

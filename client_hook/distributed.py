@@ -11,6 +11,12 @@ holds the global numbers; only rank 0 sends them. No collective runs on a step t
 sampled, and every rank samples the same steps: the decision is a pure function of the step
 counters, which DDP keeps equal across ranks (every rank runs every step).
 
+FSDP2 (``fully_shard``) is measured the same way: autograd reaches the unsharded parameters
+(`client_hook.engine.ParamGroups`), whose gradients are each rank's local ones, full size.
+Partial Grams of shards (``T (T+1) / 2`` numbers per group) would need the global per-task
+gradients sharded first, i.e. a reduce-scatter of the same ``T * N`` numbers: half a ring
+all-reduce's bytes, but no faster on gloo (bench: README), so one all-reduce serves both.
+
 Balancers that measure task gradients themselves (GradNorm, inverse-grad, the Gram methods,
 PCGrad) would otherwise decide per rank from the local batch, and the ranks' task weights would
 drift apart: they too combine the ranks on every step (`client_hook.balancers.task_grad`,
