@@ -75,6 +75,7 @@ class ParamGroups:
         self.names = [n for n, _ in named]
         self._sources = [s for _, s in named]
         self._unsharded: dict[tuple[int, str], Tensor] | None = None
+        self._hooks: list[Any] = []
         resolved = [p for group in self.params() for p in group]
         if len({id(p) for p in resolved}) != len(resolved):
             raise ValueError("a parameter belongs to two groups of `shared`")
@@ -85,7 +86,7 @@ class ParamGroups:
                 m for x in modules if isinstance(x, torch.nn.Module) for m in x.modules()
             }:
                 if next(owner.parameters(recurse=False), None) is not None:
-                    owner.register_forward_pre_hook(self._record_unsharded)
+                    self._hooks.append(owner.register_forward_pre_hook(self._record_unsharded))
 
     def _record_unsharded(self, module: torch.nn.Module, args: Any) -> None:
         assert self._unsharded is not None
@@ -94,6 +95,12 @@ class ParamGroups:
 
     def params(self) -> list[list[Tensor]]:
         return [_resolve(sources, self._unsharded) for sources in self._sources]
+
+    def close(self) -> None:
+        """Remove the forward hooks (FSDP2), if any."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
 
 def param_groups(shared: Any) -> tuple[list[str], list[list[Tensor]]]:

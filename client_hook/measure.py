@@ -139,6 +139,11 @@ class StepMeasurer:
             batch.reader.close()
         self._reset_step()
 
+    def close(self) -> None:
+        """Discard the pending step and remove every hook left on the model."""
+        self.discard()
+        self.groups.close()
+
     # ------------------------------------------------------------------ the optimizer step
     def finish_step(self) -> StepSample | None:
         """The settled micro-batches of the step as one sample (None if it could not be

@@ -344,7 +344,7 @@ class GradMonitor:
         if status == "finished" and self._step_in_epoch:
             self.end_epoch()  # the last epoch was never closed: send what was measured
         self._closed = True
-        self.measurer.discard()
+        self.measurer.close()
         atexit.unregister(self._at_exit)
         signals.unwatch(self)
         if self._worker is None:

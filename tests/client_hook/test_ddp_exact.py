@@ -42,8 +42,13 @@ WORKER = textwrap.dedent("""
         ddp = DistributedDataParallel(net)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
     accumulate = 2 if mode == "accumulate" else 1
+    def pre_hooks():
+        return sum(len(m._forward_pre_hooks) for m in net.modules())
+    hooks = pre_hooks()
     monitor = GradMonitor(net.shared, list(WEIGHTS), sample_every=1,
                           accumulation_steps=accumulate, local_path=out + ".jsonl")
+    # FSDP2's sharded parameters: one pre-hook per module that owns parameters, else none
+    assert pre_hooks() - hooks == (2 if mode.startswith("fsdp2") else 0), pre_hooks() - hooks
     if mode == "raise" and rank == 1:
         raise SystemExit("rank 1 fails before its first step")
     for step, (x, y) in enumerate(batches(world)):
@@ -59,6 +64,7 @@ WORKER = textwrap.dedent("""
     monitor.end_epoch()
     record = monitor.last_record
     monitor.close()
+    assert pre_hooks() == hooks  # none left behind
     # the training itself is untouched by the measuring (FSDP2: gathered on every rank)
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in net.parameters()]
     params = torch.cat([p.detach().reshape(-1) for p in full]).tolist()
