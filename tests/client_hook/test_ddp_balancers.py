@@ -1,4 +1,4 @@
-"""Balancers under DistributedDataParallel (gloo, CPU, 2 spawned ranks): every rank takes the
+"""Balancers under DistributedDataParallel (gloo, CPU, 2 and 3 spawned ranks): every rank takes the
 same balancing decision, that of ONE process on the concatenated global batch (task weights,
 parameters after the steps, the monitor's record with the balancer's report)."""
 
@@ -63,7 +63,7 @@ def run(case: dict, path: str) -> dict:
     monitor = GradMonitor(net.shared, ["t0", "t1"], sample_every=1, local_path=path,
                           reuse_backward=balancer.weighted_sum_backward)  # fmt: skip
     weights = []
-    for x, y in batches(2):  # the global batches; each rank takes its share
+    for x, y in batches(2):  # the global batches (24 samples); each rank takes its share
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         losses = conflicting_losses(model(x), y)
         opt.zero_grad()
@@ -105,10 +105,14 @@ def assert_close(got, want, where: str = "") -> None:
         assert got == want, where
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c.values()))
-def test_balanced_run_under_ddp_equals_one_process_on_the_global_batch(tmp_path, case):
-    codes, result = launch(tmp_path, 2, json.dumps(case), worker=WORKER)
-    assert codes == [0, 0] and result is not None
+@pytest.mark.parametrize(
+    ("case", "world"),
+    [(case, 2) for case in CASES] + [(CASES[0], 3)],
+    ids=lambda v: "-".join(v.values()) if isinstance(v, dict) else f"{v}ranks",
+)
+def test_balanced_run_under_ddp_equals_one_process_on_the_global_batch(tmp_path, case, world):
+    codes, result = launch(tmp_path, world, json.dumps(case), worker=WORKER)
+    assert codes == [0] * world and result is not None
     want = run(case, str(tmp_path / "single.jsonl"))
     assert result["warnings"] == want["warnings"] == []
     assert_close(result["weights"], want["weights"], "weights")
