@@ -58,3 +58,16 @@ def all_reduce_mean(tensors: list[Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_gather_rows(tensors: list[Tensor]) -> list[Tensor]:
+    """Each of `tensors` (one dtype, the same shapes on every rank) from every rank,
+    concatenated along the first dimension in rank order, in one all-gather."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, flat)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(torch.cat([part[offset : offset + t.numel()].view_as(t) for part in every]))
+        offset += t.numel()
+    return out

@@ -21,12 +21,18 @@ layer of weights to save on compute"):
 (the input of the Gram-based balancers, `gram_weights.py`); its diagonal is the squared norms.
 
 Under data parallelism (DistributedDataParallel, R > 1 ranks of equal local batches, mean
-losses) both describe the GLOBAL batch, so that every rank takes the same balancing decision:
-the global gradient at a parameter W is the mean of the ranks', so the T per-task gradients at
-W (T x |W| numbers; ``delta_i^T x`` for the last layer) are averaged in ONE all-reduce per
-step before the Gram is taken (cross-rank products make the Gram itself not a sum of local
-ones). At the representation h each rank holds its own rows of the global h, and the global
-Gram is the sum of the ranks' local Grams over R^2: an all-reduce of T x T numbers.
+losses) both describe the GLOBAL batch, so that every rank takes the same balancing decision,
+with one collective per step that also averages the losses where asked (``averaged``):
+
+- at parameters W: the global gradient is the mean of the ranks', so the T per-task gradients
+  at W are averaged in an all-reduce of T |W| numbers before the Gram is taken (cross-rank
+  products keep the Gram itself from being a sum of local ones);
+- at the last linear layer, where fewer bytes (`gathers_rows`: R M (in + T out) against the
+  ring all-reduce's 2 T in out, M rows per rank): the rows x and delta_i of every rank are
+  all-gathered and every rank computes the norms of the global batch itself, as one process
+  would, with delta_i scaled by 1/R (the global loss is the ranks' mean);
+- at the representation h: each rank holds its own rows of the global h, so the global Gram is
+  the sum of the ranks' local Grams over R^2: an all-reduce of T x T numbers.
 
 A second forward pass through the hooked layer before the step (a forward on another batch, an
 evaluation with gradients on) would leave the captured tensors unrelated to the losses, so every
@@ -47,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from client_hook.balancers.base import shared_parameters
-from client_hook.distributed import all_reduce_mean, data_parallel_ranks
+from client_hook.distributed import all_gather_rows, all_reduce_mean, data_parallel_ranks
 
 MODES = ("last_layer", "parameters", "representation")
 
@@ -142,10 +148,10 @@ class TaskGradNorms:
     def __call__(self, losses: Sequence[Tensor], *, averaged: Tensor | None = None) -> Tensor:
         """||grad_W L_i|| for each loss; the graph is retained for the step's own backward.
         Under data parallelism, of the global batch, with `averaged` (e.g. the detached
-        losses) averaged over the ranks in place, in the same all-reduce."""
-        if data_parallel_ranks() > 1:
-            return self.gram(losses, averaged=averaged).diagonal().clamp_min(0).sqrt().float()
-        captured = self._deltas(losses)
+        losses) averaged over the ranks in place, in the same collective."""
+        captured = self._captured(losses, averaged)
+        if isinstance(captured, Tensor):  # the global batch's Gram
+            return captured.diagonal().clamp_min(0).sqrt().float()
         if captured is None:
             return self._by_autograd(losses)
         deltas, captured_input = captured
@@ -160,26 +166,54 @@ class TaskGradNorms:
     def gram(self, losses: Sequence[Tensor], *, averaged: Tensor | None = None) -> Tensor:
         """The (T, T) Gram matrix <grad_W L_i, grad_W L_j>, float32 (float64 for float64 models);
         the graph is retained for the step's own backward. Under data parallelism, of the
-        global batch (see the module's docstring), with `averaged` averaged over the ranks in
-        place, in the same all-reduce."""
-        ranks, riders = data_parallel_ranks(), [] if averaged is None else [averaged]
+        global batch, with `averaged` averaged over the ranks in place, in the same
+        collective."""
+        captured = self._captured(losses, averaged)
+        if isinstance(captured, Tensor):
+            return captured
+        if captured is None:
+            return _gram_of([_grads(loss, self.params) for loss in losses])
+        deltas, captured_input = captured
+        if self.on == "representation":
+            return _gram_of([(_compute_dtype(d),) for d in deltas])
+        return _gram_of(self._weight_grads(deltas, captured_input))
+
+    def _weight_grads(self, deltas: list[Tensor], layer_input: Tensor | None) -> list[tuple]:
+        """Per task, grad_A L_i = delta_i^T x (and grad_b L_i = sum_rows delta_i)."""
+        assert layer_input is not None
+        x = _compute_dtype(layer_input.reshape(-1, layer_input.shape[-1]))
+        rows = [_compute_dtype(d).reshape(-1, d.shape[-1]) for d in deltas]
+        return [((d.T @ x), d.sum(0)) if self.with_bias else (d.T @ x,) for d in rows]
+
+    def _captured(
+        self, losses: Sequence[Tensor], averaged: Tensor | None
+    ) -> tuple[list[Tensor], Tensor | None] | Tensor | None:
+        """`_deltas`; under data parallelism what the global batch needs instead (module
+        docstring): the last layer's rows of every rank where they are fewer bytes than the
+        gradients at W, else the global Gram itself."""
         captured = self._deltas(losses)
+        ranks = data_parallel_ranks()
+        if ranks == 1:
+            return captured
+        riders = [] if averaged is None else [averaged]
         if captured is not None and self.on == "representation":
             gram = _gram_of([(_compute_dtype(d),) for d in captured[0]])
-            if ranks > 1:  # mean_r K_r / R = sum_r K_r / R^2
-                all_reduce_mean([gram, *riders])
-                gram = gram / ranks
-            return gram
+            all_reduce_mean([gram, *riders])
+            return gram / ranks  # mean_r K_r / R = sum_r K_r / R^2
+        if captured is not None and gathers_rows(ranks, captured[1], captured[0]):
+            deltas, layer_input = captured
+            assert layer_input is not None
+            x = _compute_dtype(layer_input.reshape(-1, layer_input.shape[-1]))
+            rows = [_compute_dtype(d).reshape(-1, d.shape[-1]).to(x.dtype) for d in deltas]
+            gathered = all_gather_rows([x, *rows, *[r.unsqueeze(0).to(x.dtype) for r in riders]])
+            for rider, every in zip(riders, gathered[1 + len(rows) :], strict=True):
+                rider.copy_(every.mean(0))
+            # the global loss is the ranks' mean: d L / d z_r = (d L_r / d z_r) / R
+            return [d / ranks for d in gathered[1 : 1 + len(rows)]], gathered[0]
         if captured is None:
             pieces = [_grads(loss, self.params) for loss in losses]
         else:
-            deltas, captured_input = captured
-            assert captured_input is not None
-            x = _compute_dtype(captured_input.reshape(-1, captured_input.shape[-1]))
-            rows = [_compute_dtype(d).reshape(-1, d.shape[-1]) for d in deltas]
-            pieces = [((d.T @ x), d.sum(0)) if self.with_bias else (d.T @ x,) for d in rows]
-        if ranks == 1:
-            return _gram_of(pieces)
+            pieces = self._weight_grads(*captured)
         grads = torch.stack([torch.cat([_compute_dtype(p).reshape(-1) for p in g]) for g in pieces])
         all_reduce_mean([grads, *riders])
         return grads @ grads.T
@@ -237,6 +271,18 @@ class TaskGradNorms:
         for loss in losses:
             norms.append(_norms_of(_grads(loss, self.params)))
         return torch.stack(norms).float()
+
+
+def gathers_rows(ranks: int, layer_input: Tensor | None, deltas: Sequence[Tensor]) -> bool:
+    """Whether all-gathering the last layer's rows (x and every delta_i: R M (in + T out)
+    numbers) moves fewer bytes than a ring all-reduce of the T gradients at W (2 T in out)."""
+    if layer_input is None:
+        return False
+    rows, in_features = layer_input.reshape(-1, layer_input.shape[-1]).shape
+    out_features, tasks = deltas[0].shape[-1], len(deltas)
+    return (
+        ranks * rows * (in_features + tasks * out_features) < 2 * tasks * in_features * out_features
+    )
 
 
 def _gram_of(per_task: Sequence[Sequence[Tensor]]) -> Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from client_hook import GradMonitor
 from client_hook.balancers import make_balancer
+from client_hook.balancers.task_grad import gathers_rows
 from tests.client_hook.test_ddp_exact import batches, launch
 from tests.client_hook.test_engine import Net
 
@@ -32,7 +33,8 @@ WORKER = textwrap.dedent("""
     sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
 """)
 CASES = [
-    {"method": "gradnorm"},  # W: the last shared linear layer (the delta^T x path)
+    {"method": "gradnorm"},  # W: the last shared linear layer, its gradients all-reduced
+    {"method": "gradnorm", "rows": 6},  # a small batch: the layer's rows all-gathered instead
     {"method": "gradnorm", "on": "representation"},  # the ranks' partial Grams
     {"method": "pcgrad"},
     {"method": "upgrad"},  # a Gram balancer over every shared parameter
@@ -57,13 +59,14 @@ def run(case: dict, path: str) -> dict:
     torch.manual_seed(0)
     net = Net(2)
     model = DistributedDataParallel(net) if world > 1 else net
-    options = {k: v for k, v in case.items() if k != "method"}
+    options = {k: v for k, v in case.items() if k not in ("method", "rows")}
     balancer = make_balancer(case["method"], ["t0", "t1"], net.shared, **options)
     opt = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=1e-2)
     monitor = GradMonitor(net.shared, ["t0", "t1"], sample_every=1, local_path=path,
                           reuse_backward=balancer.weighted_sum_backward)  # fmt: skip
     weights = []
     for x, y in batches(2):  # the global batches (24 samples); each rank takes its share
+        x, y = x[: case.get("rows")], y[: case.get("rows")]
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         losses = conflicting_losses(model(x), y)
         opt.zero_grad()
@@ -107,8 +110,8 @@ def assert_close(got, want, where: str = "") -> None:
 
 @pytest.mark.parametrize(
     ("case", "world"),
-    [(case, 2) for case in CASES] + [(CASES[0], 3)],
-    ids=lambda v: "-".join(v.values()) if isinstance(v, dict) else f"{v}ranks",
+    [(case, 2) for case in CASES] + [(CASES[0], 3), (CASES[1], 3)],
+    ids=lambda v: "-".join(map(str, v.values())) if isinstance(v, dict) else f"{v}ranks",
 )
 def test_balanced_run_under_ddp_equals_one_process_on_the_global_batch(tmp_path, case, world):
     codes, result = launch(tmp_path, world, json.dumps(case), worker=WORKER)
@@ -121,3 +124,12 @@ def test_balanced_run_under_ddp_equals_one_process_on_the_global_batch(tmp_path,
     if case["method"] == "gradnorm":  # the weights did move, and the report reached the record
         assert want["weights"][0] != want["weights"][-1]
         assert all(t["target_grad_norm"] is not None for t in want["record"]["tasks"].values())
+
+
+@pytest.mark.parametrize(
+    ("ranks", "rows", "gathers"), [(2, 12, False), (3, 8, False), (2, 3, True), (3, 2, True)]
+)
+def test_the_last_layer_rows_are_gathered_where_that_moves_fewer_bytes(ranks, rows, gathers):
+    """The cases above: 16 -> 16 last layer, 2 tasks; R M (in + T out) against 2 T in out."""
+    deltas = [torch.zeros(rows, 16), torch.zeros(rows, 16)]
+    assert gathers_rows(ranks, torch.zeros(rows, 16), deltas) is gathers
