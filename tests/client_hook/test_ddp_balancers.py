@@ -1,6 +1,7 @@
-"""Balancers under DistributedDataParallel (gloo, CPU, 2 and 3 spawned ranks): every rank takes the
-same balancing decision, that of ONE process on the concatenated global batch (task weights,
-parameters after the steps, the monitor's record with the balancer's report)."""
+"""Balancers under DistributedDataParallel (gloo, CPU, 2 and 3 spawned ranks; GradNorm under
+FSDP2 too): every rank takes the same balancing decision, that of ONE process on the
+concatenated global batch (task weights, parameters after the steps, the monitor's record with
+the balancer's report)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ CASES = [
     {"method": "gradnorm", "on": "representation"},  # the ranks' partial Grams
     {"method": "pcgrad"},
     {"method": "upgrad"},  # a Gram balancer over every shared parameter
+    {"method": "gradnorm", "fsdp2": "fsdp2"},  # FSDP2: the last layer's rows are activations
 ]
 
 
@@ -58,8 +60,14 @@ def run(case: dict, path: str) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(0)
     net = Net(2)
-    model = DistributedDataParallel(net) if world > 1 else net
-    options = {k: v for k, v in case.items() if k not in ("method", "rows")}
+    model = DistributedDataParallel(net) if world > 1 and not case.get("fsdp2") else net
+    if world > 1 and case.get("fsdp2"):  # each layer sharded, resharded after its forward
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in net.shared:
+            fully_shard(layer)
+        fully_shard(net)
+    options = {k: v for k, v in case.items() if k not in ("method", "rows", "fsdp2")}
     balancer = make_balancer(case["method"], ["t0", "t1"], net.shared, **options)
     opt = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=1e-2)
     monitor = GradMonitor(net.shared, ["t0", "t1"], sample_every=1, local_path=path,
@@ -86,9 +94,13 @@ def run(case: dict, path: str) -> dict:
     return {
         "record": monitor.last_record,
         "weights": weights,
-        "params": torch.cat([p.detach().reshape(-1) for p in net.parameters()]).tolist(),
+        "params": torch.cat([_full(p).detach().reshape(-1) for p in net.parameters()]).tolist(),
         "warnings": monitor.warn.messages,
     }
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2: gathered
 
 
 def assert_close(got, want, where: str = "") -> None:
