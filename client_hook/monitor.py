@@ -1,10 +1,10 @@
 """`GradMonitor`: per-task gradient statistics of any multi-task PyTorch run, streamed to gradwatch.
 
 Cost model: ``observe`` on a step that is not sampled is a few integer operations (no tensor op,
-no hook left registered). A sampled step computes T-1 task gradients (the T-th is read from the
-step's own backward; `client_hook.engine`) and keeps one small tensor per step; ``end_epoch``
-turns the epoch's samples into one record (one host read per epoch) and hands it to the
-delivery thread.
+no hook left registered but FSDP2's forward pre-hooks, `client_hook.engine.ParamGroups`). A
+sampled step computes T-1 task gradients (the T-th is read from the step's own backward) and
+keeps one small tensor per step; ``end_epoch`` turns the epoch's samples into one record (one
+host read per epoch) and hands it to the delivery thread.
 """
 
 from __future__ import annotations
