@@ -1,6 +1,6 @@
 """The run page's balance charts: weighted norms, the task-pair cosine matrix, the worst pair,
 and the per-layer heatmaps (epochs x parameter groups). Pure functions of `MetricsRead`, as in
-server.charts (same figure shape: data, layout, sources).
+server.charts (figure shape: server.figure_parts: data, layout, sources).
 
 - Weighted norm |w_i| G_i = ||grad_W (w_i L_i)||: the quantity the ratio chart divides (GradNorm,
   Chen et al. 2018), next to the raw norms G_i, so a 300x gap above and a 7x ratio below read
@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from server.charts import (
+from server.figure_parts import (
     FLAG_COLOR,
     Figure,
-    _figure,
-    _layout,
-    _line,
-    _nonfinite_markers,
+    base_layout,
+    line,
+    make_figure,
+    nonfinite_markers,
     task_colors,
 )
 from server.schemas import MetricsRead
@@ -42,10 +42,10 @@ def weighted_norm_figure(m: MetricsRead) -> Figure:
     """Per-task weighted gradient norms |w_i| G_i, log y: the ratio chart's own quantity."""
     colors = task_colors(m.tasks)
     paths = [["task", t, "weighted_grad_norm"] for t in m.tasks]
-    traces = [_line(m, p, p[1], colors[p[1]]) for p in paths]
-    traces.append(_nonfinite_markers(m, paths, [f"{t} weighted norm" for t in m.tasks]))
+    traces = [line(m, p, p[1], colors[p[1]]) for p in paths]
+    traces.append(nonfinite_markers(m, paths, [f"{t} weighted norm" for t in m.tasks]))
     title = "Weighted gradient norm |w<sub>i</sub>| ‖∇<sub>W</sub> L<sub>i</sub>‖ (the ratio's)"
-    return _figure(traces, _layout(title, "weighted norm", log=True))
+    return make_figure(traces, base_layout(title, "weighted norm", log=True))
 
 
 def worst_pair(m: MetricsRead) -> tuple[str, str] | None:
@@ -66,7 +66,7 @@ def worst_pair_trace(m: MetricsRead) -> tuple[dict, dict] | None:
     pair = worst_pair(m)
     if pair is None:
         return None
-    return _line(m, ["pair", *pair], f"worst pair: {pair[0]} · {pair[1]}", FLAG_COLOR, dash="dash")
+    return line(m, ["pair", *pair], f"worst pair: {pair[0]} · {pair[1]}", FLAG_COLOR, dash="dash")
 
 
 def cosine_matrix_figure(m: MetricsRead, epoch: int | None = None) -> Figure | None:
@@ -101,12 +101,12 @@ def cosine_matrix_figure(m: MetricsRead, epoch: int | None = None) -> Figure | N
         "name": "cosine",
         "showlegend": False,
     }
-    layout = _layout(f"Task-pair cosine at epoch {m.epochs[i]} (< 0: conflict)", "")
+    layout = base_layout(f"Task-pair cosine at epoch {m.epochs[i]} (< 0: conflict)", "")
     layout["xaxis"] = {"type": "category", "tickangle": -30}
     layout["yaxis"] = {"type": "category", "autorange": "reversed"}
     layout["height"] = max(280, 60 + 28 * len(tasks))
     layout["meta"] = {"epoch_axis": False, "epoch": m.epochs[i]}
-    return _figure([(trace, STATIC)], layout)
+    return make_figure([(trace, STATIC)], layout)
 
 
 def _group_heatmap(m: MetricsRead, field: str, title: str, **style: Any) -> Figure:
@@ -126,10 +126,10 @@ def _group_heatmap(m: MetricsRead, field: str, title: str, **style: Any) -> Figu
         "showlegend": False,
         **style,
     }
-    layout = _layout(title, "group")
+    layout = base_layout(title, "group")
     layout["yaxis"] = {"type": "category", "automargin": True}
     layout["height"] = max(240, 90 + 24 * len(names))
-    return _figure([(trace, STATIC)], layout)
+    return make_figure([(trace, STATIC)], layout)
 
 
 def group_ratio_figure(m: MetricsRead, threshold: float) -> Figure:
