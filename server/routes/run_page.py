@@ -17,7 +17,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from server import charts, queries, scalars, verdict
+from server import balance_charts, charts, queries, scalars, verdict
 from server.db import SessionDep
 from server.routes.pages import metrics_cache, parse_run_id, render_with_payload, settings_of
 from server.schemas import MAX_INT32, RunRead, RunStatus
@@ -61,6 +61,7 @@ def run_page(request: Request, session: SessionDep, run_id: str) -> HTMLResponse
         "live": live,
         "stream_url": f"/api/runs/{rid}/stream",
         "figures_url": f"/api/runs/{rid}/figures",
+        "matrix_url": f"/api/runs/{rid}/cosine-matrix",
     }
     alerts = queries.list_alerts(session, run_id=rid)
     v = verdict.compute(session, run)
@@ -88,3 +89,14 @@ def run_figures(
     """The run page's figures for an epoch range (downsampled to the page's point budget)."""
     data = figures_payload(request, session, queries.get_run(session, run_id), epoch_min, epoch_max)
     return Response(orjson.dumps(data), media_type="application/json")
+
+
+@router.get("/api/runs/{run_id}/cosine-matrix")
+def cosine_matrix(
+    session: SessionDep, run_id: uuid.UUID, epoch: Annotated[int, Query(ge=0, le=MAX_INT32)]
+) -> Response:
+    """The T x T task-pair cosine matrix of one epoch (`figure` is null when that epoch has no
+    cosines): a read of that epoch's rows only, whatever the run's length."""
+    m = queries.get_metrics(session, run_id, epoch_min=epoch, epoch_max=epoch)  # 404s
+    body = {"epoch": epoch, "figure": balance_charts.cosine_matrix_figure(m)}
+    return Response(orjson.dumps(body), media_type="application/json")

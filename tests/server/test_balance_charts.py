@@ -68,7 +68,8 @@ def test_group_ratio_heatmap_is_log10_epochs_by_groups() -> None:
     trace = fig["data"][0]
     assert (trace["type"], trace["x"], trace["y"]) == ("heatmap", [0, 1, 2], ["encoder", "head"])
     assert trace["z"] == [[0.0, 2.0, None], [1.0, None, 0.0]]  # Inf: a gap, not a colour
-    assert fig["sources"] == [{"kind": "static"}]
+    source = {"kind": "groups", "field": "grad_norm_ratio", "log10": True}
+    assert fig["sources"] == [source]  # live updates append columns (static/js/run.js)
 
 
 def test_optional_figures_appear_only_with_their_data() -> None:
