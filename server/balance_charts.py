@@ -115,7 +115,7 @@ def cosine_matrix_figure(m: MetricsRead, epoch: int | None = None) -> Figure | N
         "showlegend": False,
     }
     layout = base_layout(f"Task-pair cosine at epoch {m.epochs[i]} (< 0: conflict)", "")
-    layout["xaxis"] = {"type": "category", "tickangle": -30}
+    layout["xaxis"] = {"type": "category", "tickangle": -30, "automargin": True}  # long names
     layout["yaxis"] = {"type": "category", "autorange": "reversed"}
     layout["height"] = max(280, 60 + 28 * len(tasks))
     layout["meta"] = {"epoch_axis": False, "epoch": m.epochs[i]}
