@@ -108,10 +108,13 @@ templates.env.filters.update(scalar=scalars.fmt_scalar)
 
 
 def json_bytes_for_script(data: Any) -> bytes:
-    """UTF-8 JSON safe inside <script type="application/json">: no `</script>`, no HTML parsing.
-    orjson writes NaN/Inf as null (figures carry None for them already)."""
-    raw = orjson.dumps(data)  # compact; `<`, `>` and `&` can only occur inside JSON strings
-    return raw.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
+    """UTF-8 JSON safe inside <script type="application/json">: no `</script>`, no `<!--`.
+    A script element's text is raw (no entities), and the only sequences that end it or change
+    how it is parsed start with `<` (HTML's "script data" states), so escaping `<` alone is
+    enough: one pass over the megabytes instead of three. orjson writes NaN/Inf as null
+    (figures carry None for them already)."""
+    raw = orjson.dumps(data)  # compact; `<` can only occur inside JSON strings
+    return raw.replace(b"<", b"\\u003c")
 
 
 def settings_of(request: Request) -> Settings:
