@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from tests.e2e.browser import PageProblems
-from tests.e2e.seed import LAYERS, TEN_TASKS, Api, add_groups, synthetic_epochs
+from tests.e2e.seed import LAYERS, Api, add_groups, synthetic_epochs
 from tests.e2e.test_diagnosis import open_run, ten_task_run
 from tests.support import ServerProcess
 
@@ -74,24 +74,6 @@ def test_clicking_a_chart_picks_the_epoch_of_the_cosine_matrix(
     wait_matrix_epoch(page, 59)
     assert page.is_disabled("#matrix-latest")
     assert problems.check(page) == []
-
-
-def test_cosine_matrix_api_serves_one_epoch_and_null_without_cosines(
-    server: ServerProcess, api: Api
-) -> None:
-    run_id = api.create_run("matrix-api", tasks=TEN_TASKS)
-    records = synthetic_epochs("equal", range(3), tasks=TEN_TASKS, seed=1)
-    records[1]["cosines"] = []
-    api.ingest(run_id, records)
-    body = api.http.get(f"/api/runs/{run_id}/cosine-matrix?epoch=2").json()
-    assert body["epoch"] == 2 and body["figure"]["layout"]["meta"]["epoch"] == 2
-    z = body["figure"]["data"][0]["z"]
-    assert len(z) == 10 and z[0][0] == 1.0
-    assert z[0][1] == served_cosine(api, run_id, 2, "rul", "health")
-    assert api.http.get(f"/api/runs/{run_id}/cosine-matrix?epoch=1").json()["figure"] is None
-    assert api.http.get(f"/api/runs/{run_id}/cosine-matrix?epoch=-1").status_code == 422
-    missing = "/api/runs/00000000-0000-0000-0000-000000000000/cosine-matrix?epoch=0"
-    assert api.http.get(missing).status_code == 404
 
 
 def test_new_epochs_reach_the_heatmaps_and_the_matrix_without_a_reload(
