@@ -155,7 +155,8 @@ def ratio_shapes(
 
 def cosine_figure(m: MetricsRead) -> Figure:
     """(3) Pairwise cosine similarity of task gradients; below the 0 line = conflict."""
-    pairs = [p for p in m.cosines if p.values.count(None) != len(p.values)]
+    # measured pairs; any() stops at the first non-zero value (count(None) reads them all)
+    pairs = [p for p in m.cosines if any(p.values) or p.values.count(None) != len(p.values)]
     traces: list[tuple[dict, dict]] = []
     if 0 < len(pairs) <= MAX_PAIR_TRACES:
         for i, p in enumerate(pairs):
