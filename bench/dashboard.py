@@ -208,18 +208,18 @@ def page_stages(url: str, run_id: uuid.UUID, repeat: int) -> dict[str, float]:
     factory = make_session_factory(create_db_engine(url))
     out: dict[str, list[float]] = {}
 
-    def timed(name: str, fn: Any, *args: Any) -> Any:
+    def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         c0 = time.process_time()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         out.setdefault(name, []).append((time.process_time() - c0) * 1000)
         return result
 
     for _ in range(repeat):
         with factory() as session:
             run = timed("run", queries.get_run, session, run_id)
-            m = timed("metrics read", lambda: queries.get_metrics(session, run_id, max_points=2000))
+            m = timed("metrics read", queries.get_metrics, session, run_id, max_points=2000)
             figures = timed("figures", charts.run_figures, m, run.ratio_threshold)
-            timed("verdict", verdict.compute, session, run)
+            timed("verdict", verdict.compute, session, run, whole=m)  # as the route does
             timed("figure JSON", json_bytes_for_script, {"figures": figures})
     return {k: statistics.median(v) for k, v in out.items()}
 

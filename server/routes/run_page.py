@@ -20,26 +20,30 @@ from fastapi.responses import HTMLResponse, Response
 from server import balance_charts, charts, queries, scalars, verdict
 from server.db import SessionDep
 from server.routes.pages import metrics_cache, parse_run_id, render_with_payload, settings_of
-from server.schemas import MAX_INT32, RunRead, RunStatus
+from server.schemas import MAX_INT32, MetricsRead, RunRead, RunStatus
 from server.security import require_read
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_read)])
 
 
-def figures_payload(
+def read_metrics(
     request: Request,
     session: SessionDep,
     run: RunRead,
     epoch_min: int | None = None,
     epoch_max: int | None = None,
-) -> dict[str, Any]:
+) -> MetricsRead:
+    """The page's read: the whole run from the cache, or an epoch range, downsampled to the
+    page's point budget."""
     max_points = settings_of(request).max_points
     if epoch_min is None and epoch_max is None:
-        m = metrics_cache(request).get_metrics(session, run, max_points)
-    else:
-        m = queries.get_metrics(
-            session, run.id, epoch_min=epoch_min, epoch_max=epoch_max, max_points=max_points
-        )
+        return metrics_cache(request).get_metrics(session, run, max_points)
+    return queries.get_metrics(
+        session, run.id, epoch_min=epoch_min, epoch_max=epoch_max, max_points=max_points
+    )
+
+
+def figures_payload(m: MetricsRead, run: RunRead) -> dict[str, Any]:
     return {
         "figures": charts.run_figures(m, run.ratio_threshold),
         "cursor": m.cursor,
@@ -53,7 +57,8 @@ def figures_payload(
 def run_page(request: Request, session: SessionDep, run_id: str) -> HTMLResponse:
     rid = parse_run_id(run_id)
     run = queries.get_run(session, rid)
-    data = figures_payload(request, session, run)
+    m = read_metrics(request, session, run)
+    data = figures_payload(m, run)
     live = run.status == RunStatus.running
     payload = {
         **data,
@@ -64,7 +69,7 @@ def run_page(request: Request, session: SessionDep, run_id: str) -> HTMLResponse
         "matrix_url": f"/api/runs/{rid}/cosine-matrix",
     }
     alerts = queries.list_alerts(session, run_id=rid)
-    v = verdict.compute(session, run)
+    v = verdict.compute(session, run, whole=m)  # reuses the read when it holds every epoch
     levels = {i.level for i in v.items}
     level = "bad" if "bad" in levels else ("warn" if "warn" in levels else "ok")
     return render_with_payload(
@@ -87,7 +92,8 @@ def run_figures(
     epoch_max: Annotated[int | None, Query(ge=0, le=MAX_INT32)] = None,
 ) -> Response:
     """The run page's figures for an epoch range (downsampled to the page's point budget)."""
-    data = figures_payload(request, session, queries.get_run(session, run_id), epoch_min, epoch_max)
+    run = queries.get_run(session, run_id)
+    data = figures_payload(read_metrics(request, session, run, epoch_min, epoch_max), run)
     return Response(orjson.dumps(data), media_type="application/json")
 
 
