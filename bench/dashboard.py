@@ -3,7 +3,8 @@
     .venv/bin/python bench/dashboard.py          # 100 runs x 1,000 epochs x 10 tasks + 1 x 100,000
     .venv/bin/python bench/dashboard.py --quick  # 10 runs x 200 epochs + 1 x 10,000 (a smoke run)
     .venv/bin/python bench/dashboard.py --diagnosis  # one 1,000-epoch, 10-task, 6-group run:
-                                                     # its run page cold (verdict, heatmaps too)
+                                                     # its run page cold (verdict, heatmaps too),
+                                                     # CPU by stage, the epoch picker's API
 
 Seeding goes through the server's own ingest code (`server.ingest.ingest_batch`, in-process,
 1,000-epoch batches, no HTTP), so the stored rows and run summaries are exactly what the API
@@ -12,7 +13,8 @@ Each epoch carries 10 tasks and `--pairs` cosine pairs (default 9: the first tas
 other one; pass 45 for every pair, seeding then takes ~3x longer).
 
 Times are medians of `--repeat` requests through the ASGI app in-process (routing, queries, charts,
-template, JSON; no network). Printed, never asserted.
+template, JSON; no network). Printed, never asserted. Wall time follows the machine's load; the
+process CPU time beside it much less, and the load average is printed with the figures.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import gzip
 import itertools
 import json
+import os
 import random
 import re
 import statistics
@@ -35,10 +38,11 @@ with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what we h
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from server import charts, ingest, queries, schemas
+from server import charts, ingest, queries, schemas, verdict
 from server.config import Settings
 from server.db import create_db_engine, make_session_factory, run_migrations, write_session
 from server.main import create_app
+from server.routes.pages import json_bytes_for_script
 
 HERE = Path(__file__).resolve().parent
 
@@ -165,7 +169,7 @@ def diagnosis(repeat: int, reseed: bool) -> int:
             batch = schemas.EpochBatch.model_validate({"epochs": recs})
             ingest.ingest_batch(session, ingest.lock_run(session, run.id), batch)
     run_migrations(url)
-    with TestClient(create_app(Settings(database_url=url))) as client:
+    with TestClient(create_app(Settings(database_url=url)), base_url="http://127.0.0.1") as client:
         run_id = client.get("/api/runs").json()["runs"][0]["id"]
         client.get(f"/runs/{run_id}")  # templates, imports, SQLite page cache
         times, cpu, r = [], [], None
@@ -184,7 +188,40 @@ def diagnosis(repeat: int, reseed: bool) -> int:
         qc = statistics.quantiles(cpu, n=4)
         print(f"  process CPU per request (less sensitive to a busy machine): median "
               f"{statistics.median(cpu):.1f} ms, IQR {qc[0]:.1f}-{qc[2]:.1f} ms")  # fmt: skip
+        stages = page_stages(url, uuid.UUID(run_id), repeat)
+        rest = statistics.median(cpu) - sum(stages.values())
+        print("  CPU by stage (medians): " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items())
+              + f"; routing, alerts, template, ASGI {max(rest, 0.0):.1f} ms")  # fmt: skip
+        matrix = []
+        for epoch in range(0, 1000, 1000 // repeat):
+            c0 = time.process_time()
+            got = client.get(f"/api/runs/{run_id}/cosine-matrix?epoch={epoch}")
+            matrix.append((time.process_time() - c0) * 1000)
+            assert got.status_code == 200 and got.json()["figure"] is not None
+        print(f"  picking an epoch (cosine-matrix API, CPU): {statistics.median(matrix):.1f} ms")
+    print(f"  load average while measuring: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
+
+
+def page_stages(url: str, run_id: uuid.UUID, repeat: int) -> dict[str, float]:
+    """CPU per stage of a cold run page, in the route's order (server.routes.run_page)."""
+    factory = make_session_factory(create_db_engine(url))
+    out: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        c0 = time.process_time()
+        result = fn(*args, **kwargs)
+        out.setdefault(name, []).append((time.process_time() - c0) * 1000)
+        return result
+
+    for _ in range(repeat):
+        with factory() as session:
+            run = timed("run", queries.get_run, session, run_id)
+            m = timed("metrics read", queries.get_metrics, session, run_id, max_points=2000)
+            figures = timed("figures", charts.run_figures, m, run.ratio_threshold)
+            timed("verdict", verdict.compute, session, run, whole=m)  # as the route does
+            timed("figure JSON", json_bytes_for_script, {"figures": figures})
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 def main() -> int:

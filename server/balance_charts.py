@@ -1,6 +1,6 @@
 """The run page's balance charts: weighted norms, the task-pair cosine matrix, the worst pair,
 and the per-layer heatmaps (epochs x parameter groups). Pure functions of `MetricsRead`, as in
-server.charts (same figure shape: data, layout, sources).
+server.charts (figure shape: server.figure_parts: data, layout, sources).
 
 - Weighted norm |w_i| G_i = ||grad_W (w_i L_i)||: the quantity the ratio chart divides (GradNorm,
   Chen et al. 2018), next to the raw norms G_i, so a 300x gap above and a 7x ratio below read
@@ -10,21 +10,23 @@ server.charts (same figure shape: data, layout, sources).
 - Worst pair: the pair whose cosine is most often negative (ties: the lowest mean).
 - Heatmaps: per parameter group, log10 of the group's ratio and the group's minimum cosine, on
   the epochs of the (downsampled) read, so where a task dominates or conflict starts shows by
-  layer. Live updates do not extend them: the page redraws them with the other charts.
+  layer. Live updates append each new epoch's column (a `groups` source).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
-from server.charts import (
+from server.figure_parts import (
     FLAG_COLOR,
     Figure,
-    _figure,
-    _layout,
-    _line,
-    _nonfinite_markers,
+    base_layout,
+    finite_or_none,
+    line,
+    make_figure,
+    nonfinite_markers,
     task_colors,
 )
 from server.schemas import MetricsRead
@@ -34,29 +36,33 @@ DIVERGING = [[0.0, FLAG_COLOR], [0.5, "#f2f2f2"], [1.0, "#2f6fdf"]]  # -1 red, 0
 RATIO_SCALE = [[0.0, "#f2f5fa"], [0.5, "#f3b562"], [1.0, "#b00020"]]
 
 
-def _finite(v: Any) -> float | None:
-    return v if isinstance(v, int | float) and math.isfinite(v) else None
-
-
 def weighted_norm_figure(m: MetricsRead) -> Figure:
     """Per-task weighted gradient norms |w_i| G_i, log y: the ratio chart's own quantity."""
     colors = task_colors(m.tasks)
     paths = [["task", t, "weighted_grad_norm"] for t in m.tasks]
-    traces = [_line(m, p, p[1], colors[p[1]]) for p in paths]
-    traces.append(_nonfinite_markers(m, paths, [f"{t} weighted norm" for t in m.tasks]))
+    traces = [line(m, p, p[1], colors[p[1]]) for p in paths]
+    traces.append(nonfinite_markers(m, paths, [f"{t} weighted norm" for t in m.tasks]))
     title = "Weighted gradient norm |w<sub>i</sub>| ‖∇<sub>W</sub> L<sub>i</sub>‖ (the ratio's)"
-    return _figure(traces, _layout(title, "weighted norm", log=True))
+    return make_figure(traces, base_layout(title, "weighted norm", log=True))
+
+
+def _finite_values(values: list[float | None]) -> list[float]:
+    """The finite values. Fast path, all in C: truth-testing drops None (and zeros), and when
+    nothing was dropped one sum tells whether a NaN/Inf is among them."""
+    present: list[float] = list(filter(None, values))  # type: ignore[arg-type]
+    if len(present) == len(values) and math.isfinite(sum(present)):
+        return present
+    return [v for v in values if v is not None and -math.inf < v < math.inf]
 
 
 def worst_pair(m: MetricsRead) -> tuple[str, str] | None:
     """The pair most often below 0 (ties: the lowest mean cosine), or None without cosines."""
     best: tuple[int, float, str, str] | None = None
     for p in m.cosines:
-        # chained comparisons drop None, NaN and +/-Inf at C speed (no call per value)
-        vals = [v for v in p.values if v is not None and -math.inf < v < math.inf]
+        vals = _finite_values(p.values)
         if not vals:
             continue
-        negative = len(vals) - len(list(filter((0.0).__le__, vals)))
+        negative = len(vals) - len(list(filter((0.0).__le__, vals)))  # counted in C
         key = (-negative, sum(vals) / len(vals), p.a, p.b)
         best = key if best is None or key < best else best
     return (best[2], best[3]) if best else None
@@ -66,24 +72,32 @@ def worst_pair_trace(m: MetricsRead) -> tuple[dict, dict] | None:
     pair = worst_pair(m)
     if pair is None:
         return None
-    return _line(m, ["pair", *pair], f"worst pair: {pair[0]} · {pair[1]}", FLAG_COLOR, dash="dash")
+    return line(m, ["pair", *pair], f"worst pair: {pair[0]} · {pair[1]}", FLAG_COLOR, dash="dash")
+
+
+def _matrix_position(m: MetricsRead, epoch: int | None) -> int | None:
+    """Position in `m.epochs` of the latest epoch at or before `epoch` (default: the last)
+    with any finite cosine; the scan starts from the end and usually stops at once."""
+    last = len(m.epochs) if epoch is None else bisect.bisect_right(m.epochs, epoch)
+    for i in range(last - 1, -1, -1):
+        if any((v := p.values[i]) is not None and -math.inf < v < math.inf for p in m.cosines):
+            return i
+    return None
 
 
 def cosine_matrix_figure(m: MetricsRead, epoch: int | None = None) -> Figure | None:
-    """T x T cosines at `epoch` (default: the last epoch with any cosine); None if none."""
-    found = [i for i, _ in enumerate(m.epochs) if any(_finite(p.values[i]) is not None
-                                                      for p in m.cosines)]  # fmt: skip
-    if epoch is not None and epoch in m.epochs:
-        found = [i for i in found if m.epochs[i] <= epoch]
-    if not found:
+    """T x T cosines at `epoch` (default: the last epoch with any cosine; an epoch without
+    cosines gives the latest one before it); None if there is none."""
+    i = _matrix_position(m, epoch)
+    if i is None:
         return None
-    i = found[-1]
     tasks = m.tasks
     pos = {t: k for k, t in enumerate(tasks)}
     z: list[list[float | None]] = [[1.0 if a == b else None for b in tasks] for a in tasks]
     for p in m.cosines:
         if p.a in pos and p.b in pos:
-            v = _finite(p.values[i])
+            v = p.values[i]
+            v = v if v is not None and -math.inf < v < math.inf else None
             z[pos[p.a]][pos[p.b]] = z[pos[p.b]][pos[p.a]] = v
     text = [["–" if v is None else f"{v:.2f}" for v in row] for row in z]
     trace = {
@@ -101,35 +115,36 @@ def cosine_matrix_figure(m: MetricsRead, epoch: int | None = None) -> Figure | N
         "name": "cosine",
         "showlegend": False,
     }
-    layout = _layout(f"Task-pair cosine at epoch {m.epochs[i]} (< 0: conflict)", "")
-    layout["xaxis"] = {"type": "category", "tickangle": -30}
+    layout = base_layout(f"Task-pair cosine at epoch {m.epochs[i]} (< 0: conflict)", "")
+    layout["xaxis"] = {"type": "category", "tickangle": -30, "automargin": True}  # long names
     layout["yaxis"] = {"type": "category", "autorange": "reversed"}
     layout["height"] = max(280, 60 + 28 * len(tasks))
     layout["meta"] = {"epoch_axis": False, "epoch": m.epochs[i]}
-    return _figure([(trace, STATIC)], layout)
+    return make_figure([(trace, STATIC)], layout)
 
 
-def _group_heatmap(m: MetricsRead, field: str, title: str, **style: Any) -> Figure:
-    names = [g.name for g in m.groups]
-    rows = []
-    for g in m.groups:
-        vals = [_finite(v) for v in getattr(g, field)]
-        if field == "grad_norm_ratio":
-            vals = [math.log10(v) if v is not None and v > 0 else None for v in vals]
-        rows.append(vals)
+def group_row(values: list[float | None], log10: bool) -> list[float | None]:
+    """One heatmap row: NaN/Inf (and, on a log scale, values <= 0) become gaps."""
+    row = finite_or_none(values)
+    return [math.log10(v) if v is not None and v > 0 else None for v in row] if log10 else row
+
+
+def _group_heatmap(m: MetricsRead, field: str, title: str, log10: bool, **style: Any) -> Figure:
     trace = {
         "type": "heatmap",
         "x": list(m.epochs),
-        "y": names,
-        "z": rows,
+        "y": [g.name for g in m.groups],
+        "z": [group_row(getattr(g, field), log10) for g in m.groups],
         "name": field,
         "showlegend": False,
         **style,
     }
-    layout = _layout(title, "group")
+    layout = base_layout(title, "group")
     layout["yaxis"] = {"type": "category", "automargin": True}
-    layout["height"] = max(240, 90 + 24 * len(names))
-    return _figure([(trace, STATIC)], layout)
+    layout["height"] = max(240, 90 + 24 * len(m.groups))
+    # live updates append each new epoch's column (static/js/run.js, same rule as group_row)
+    source = {"kind": "groups", "field": field, "log10": log10}
+    return make_figure([(trace, source)], layout)
 
 
 def group_ratio_figure(m: MetricsRead, threshold: float) -> Figure:
@@ -138,6 +153,7 @@ def group_ratio_figure(m: MetricsRead, threshold: float) -> Figure:
         m,
         "grad_norm_ratio",
         "Per-layer gradient-norm ratio (log<sub>10</sub>; red: a task dominates the layer)",
+        log10=True,
         zmin=0,
         zmax=top,
         colorscale=RATIO_SCALE,
@@ -151,6 +167,7 @@ def group_cosine_figure(m: MetricsRead) -> Figure:
         m,
         "min_cosine",
         "Per-layer minimum cosine (red: conflict)",
+        log10=False,
         zmin=-1,
         zmax=1,
         colorscale=DIVERGING,
@@ -168,6 +185,6 @@ def optional_figures(m: MetricsRead, threshold: float) -> dict[str, Figure]:
             out["cosine_matrix"] = fig
     if m.groups:
         out["group_ratio"] = group_ratio_figure(m, threshold)
-        if any(_finite(v) is not None for g in m.groups for v in g.min_cosine):
+        if any(any(v is not None for v in finite_or_none(g.min_cosine)) for g in m.groups):
             out["group_cosine"] = group_cosine_figure(m)
     return out

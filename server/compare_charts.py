@@ -5,16 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.charts import (
-    DASHES,
-    LEGEND,
-    Figure,
-    _figure,
-    _layout,
-    _line,
-    ratio_shapes,
-    threshold_annotation,
-)
+from server.charts import ratio_shapes, threshold_annotation
+from server.figure_parts import DASHES, LEGEND, Figure, base_layout, line, make_figure
 from server.schemas import MetricsRead, RunRead
 
 # One colour family per run: none of them a task colour of the run page, none red.
@@ -39,24 +31,24 @@ def compare_figures(runs: Sequence[tuple[RunRead, MetricsRead]]) -> dict[str, Fi
         family = RUN_FAMILIES[i % len(RUN_FAMILIES)]
         color = family[0]
         label = run.name
-        ratio.append(_line(m, ["epoch", "grad_norm_ratio"], label, color, legendgroup=str(i)))
+        ratio.append(line(m, ["epoch", "grad_norm_ratio"], label, color, legendgroup=str(i)))
         for t in m.tasks:
             k = all_tasks.index(t)
             color = family[k % len(family)]
             common = {"dash": DASHES[k % len(DASHES)], "legendgroup": str(i)}
-            weight.append(_line(m, ["task", t, "task_weight"], f"{label}: {t}", color, **common))
-            loss.append(_line(m, ["task", t, "loss"], f"{label}: {t}", color, **common))
-    ratio_layout = _layout("Gradient-norm ratio max/min", "ratio", log=True)
+            weight.append(line(m, ["task", t, "task_weight"], f"{label}: {t}", color, **common))
+            loss.append(line(m, ["task", t, "loss"], f"{label}: {t}", color, **common))
+    ratio_layout = base_layout("Gradient-norm ratio max/min", "ratio", log=True)
     ratio_layout["shapes"] = [ratio_shapes([], [], th)[0] for th in thresholds]
     ratio_layout["annotations"] = [threshold_annotation(th) for th in thresholds]
     legend = dict(LEGEND)
     return {
-        "ratio": _figure(ratio, ratio_layout),
-        "weight": _figure(
-            weight, _layout("Task weights w<sub>i</sub>", "weight", legend=legend, height=340)
+        "ratio": make_figure(ratio, ratio_layout),
+        "weight": make_figure(
+            weight, base_layout("Task weights w<sub>i</sub>", "weight", legend=legend, height=340)
         ),
-        "loss": _figure(
+        "loss": make_figure(
             loss,
-            _layout("Per-task loss L<sub>i</sub>", "loss", log=True, legend=legend, height=340),
+            base_layout("Per-task loss L<sub>i</sub>", "loss", log=True, legend=legend, height=340),
         ),
     }

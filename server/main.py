@@ -19,7 +19,7 @@ from server.security import BodyLimitMiddleware, SecurityHeadersMiddleware
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: GRADWATCH_* variables). Migrations are not run here:
     `gradwatch serve` (and the tests) run `server.db.run_migrations` first."""
-    from server.routes import api, api_docs, login, pages, scalars, stream
+    from server.routes import api, api_docs, login, pages, run_page, scalars, stream
 
     settings = settings or get_settings()
     engine = create_db_engine(settings.database_url)
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(scalars.router)
     app.include_router(pages.router)
+    app.include_router(run_page.router)
     app.include_router(stream.router)
     login.install(app)  # /login, /logout, and the form for LoginRequired
     api_docs.install(app)

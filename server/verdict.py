@@ -107,9 +107,17 @@ def _trend(ratios: list[float]) -> tuple[str, float | None, float | None]:
     return "flat", before, recent
 
 
-def compute(session: Session, run: schemas.RunRead) -> schemas.Verdict:
-    """The verdict of `run` from every stored epoch."""
-    rows = _ratios(session, run.id)
+def compute(
+    session: Session, run: schemas.RunRead, whole: schemas.MetricsRead | None = None
+) -> schemas.Verdict:
+    """The verdict of `run` from every stored epoch. `whole`: a metrics read of the same run
+    that holds every stored epoch (not downsampled, no range), e.g. the run page's, whose ratio
+    and minimum-cosine columns then stand in for a second read of them."""
+    if whole is not None and not whole.downsampled and whole.total_epochs == len(whole.epochs):
+        cols = whole.epoch_metrics
+        rows = list(zip(whole.epochs, cols["grad_norm_ratio"], cols["min_cosine"], strict=True))
+    else:
+        rows = _ratios(session, run.id)
     threshold = run.ratio_threshold
     measured = [(ep, r) for ep, r, _ in rows if r is not None and not math.isnan(r)]
     above = [ep for ep, r in measured if r > threshold]

@@ -1,4 +1,5 @@
-/* gradwatch run page: draw the six charts, append new epochs from the server (SSE), zoom. */
+/* gradwatch run page: draw the charts, append new epochs from the server (SSE), zoom, and
+   pick the epoch of the task-pair cosine matrix. */
 "use strict";
 
 (function () {
@@ -97,6 +98,88 @@
     Plotly.relayout(div, { shapes: keep.concat(flaggedBands(line.x, line.y, src.threshold)) });
   }
 
+  /** New epochs as new heatmap columns: each group's row gets its values (same rule as
+   *  balance_charts.group_row), a group seen for the first time gets a row of its own. */
+  function appendGroups(div, i, src, m) {
+    const trace = div.data[i];
+    const names = trace.y.slice();
+    const z = trace.z.map((row) => row.slice());
+    for (const g of m.groups || []) {
+      if (!names.includes(g.name)) {
+        names.push(g.name);
+        z.push(trace.x.map(() => null));
+      }
+    }
+    names.forEach((name, r) => {
+      const g = (m.groups || []).find((s) => s.name === name);
+      const values = g ? g[src.field].map(gw.finite) : m.epochs.map(() => null);
+      z[r] = z[r].concat(src.log10
+        ? values.map((v) => (v !== null && v > 0 ? Math.log10(v) : null)) : values);
+    });
+    return Plotly.restyle(div, { x: [trace.x.concat(m.epochs)], y: [names], z: [z] }, [i]);
+  }
+
+  // ------------------------------------------------------------- cosine matrix epoch
+
+  let matrixPinned = null;  // the epoch the user picked; null: follow the latest epoch
+  let matrixTimer = null;
+
+  /** Draw the T x T matrix of `epoch` (served by /api/runs/{id}/cosine-matrix). */
+  function showMatrix(epoch) {
+    const div = charts.cosine_matrix;
+    if (!div || !Number.isInteger(epoch) || epoch < 0) return Promise.resolve();
+    const note = document.getElementById("matrix-note");
+    return fetch(`${data.matrix_url}?epoch=${epoch}`, { headers: { Accept: "application/json" } })
+      .then((r) => (r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status))))
+      .then((d) => {
+        const input = document.getElementById("matrix-epoch");
+        if (input && document.activeElement !== input) input.value = String(d.epoch);
+        if (!d.figure) {
+          if (note) note.textContent = `no cosines at epoch ${d.epoch}`;
+          return null;
+        }
+        if (note) note.textContent = matrixPinned === null
+          ? "following the latest epoch; click a point on any chart over epochs to pick one"
+          : `epoch ${d.epoch} picked; "latest" follows new epochs again`;
+        return Plotly.react(div, d.figure.data, gw.themed(d.figure.layout), gw.plotConfig)
+          .then(() => { div.dataset.epoch = String(d.figure.layout.meta.epoch); });
+      })
+      .catch((err) => console.warn("gradwatch: could not load the cosine matrix", err));
+  }
+
+  function scheduleMatrix(epoch) {
+    clearTimeout(matrixTimer);
+    matrixTimer = setTimeout(() => showMatrix(epoch), 250);
+  }
+
+  function pickEpoch(epoch) {
+    matrixPinned = epoch;
+    const latest = document.getElementById("matrix-latest");
+    if (latest) latest.disabled = epoch === null;
+    return showMatrix(epoch === null ? lastEpoch() : epoch);
+  }
+
+  function wireMatrix(timeline) {
+    const div = charts.cosine_matrix;
+    if (!div) return;
+    div.dataset.epoch = String(div.layout.meta.epoch);
+    const form = document.getElementById("matrix-tools");
+    const input = document.getElementById("matrix-epoch");
+    input.value = String(div.layout.meta.epoch);
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const epoch = Number(input.value);
+      if (Number.isInteger(epoch) && epoch >= 0) pickEpoch(epoch);
+    });
+    document.getElementById("matrix-latest").addEventListener("click", () => pickEpoch(null));
+    for (const chart of timeline) {
+      chart.on("plotly_click", (ev) => {
+        const x = ev && ev.points && ev.points.length ? Number(ev.points[0].x) : NaN;
+        if (Number.isInteger(x)) pickEpoch(x);
+      });
+    }
+  }
+
   function lastEpoch() {
     const div = charts.ratio || Object.values(charts)[0];
     const xs = div && div.data[0] ? div.data[0].x : [];
@@ -111,6 +194,10 @@
     }
     for (const [key, div] of Object.entries(charts)) {
       sources[key].forEach((src, i) => {
+        if (src.kind === "groups") {
+          appendGroups(div, i, src, m);
+          return;
+        }
         const add = appendFor(src, m);
         if (!add) return;
         const update = {};
@@ -123,6 +210,7 @@
     }
     refreshBands();
     if (axes) axes.fit();
+    if (matrixPinned === null && m.cosines.length) scheduleMatrix(m.epochs[m.epochs.length - 1]);
     const note = document.getElementById("no-epochs");
     if (note) note.remove();
   }
@@ -134,7 +222,10 @@
       .then((r) => (r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status))))
       .then((d) => {
         cursor = Math.max(cursor, d.cursor);
-        return draw(d.figures, Boolean(range)).then(() => (range || !axes ? null : axes.fit()));
+        return draw(d.figures, Boolean(range)).then(() => {
+          if (matrixPinned !== null) showMatrix(matrixPinned);  // a redraw shows the last epoch
+          return range || !axes ? null : axes.fit();
+        });
       })
       .catch((err) => console.warn("gradwatch: could not load chart data", err));
   }
@@ -241,6 +332,7 @@
     const timeline = Object.values(charts).filter(
       (d) => !(d.layout.meta && d.layout.meta.epoch_axis === false));
     axes = gw.linkXAxes(timeline, onRange);
+    wireMatrix(timeline);
     const focus = focusFromUrl();
     const ready = focus ? axes.zoomTo(focus).then(() => onRange(focus)) : axes.fit();
     return ready.then(() => {

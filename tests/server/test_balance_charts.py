@@ -52,6 +52,18 @@ def test_worst_pair_is_the_most_often_negative() -> None:
     assert bc.worst_pair(metrics(TASKS3, [0])) is None
 
 
+def test_worst_pair_counts_zeros_and_skips_nan_inf_and_gaps() -> None:
+    pairs = [
+        PairSeries(a="a", b="b", values=[0.0, 0.0, 0.0, -0.2, 0.1]),  # mean -0.02 (-0.05 sans 0s)
+        PairSeries(a="a", b="c", values=[-0.1, 0.04, None, None, None]),  # mean -0.03
+        PairSeries(a="b", b="c", values=[0.9, 0.8, 0.7, 0.6, 0.5]),  # the fast path: no gaps
+    ]
+    m = metrics(TASKS3, list(range(5)), cosines=pairs)
+    assert bc.worst_pair(m) == ("a", "c")  # one negative each: the lower mean, zeros counted
+    pairs[2].values = [-0.1, math.nan, -math.inf, -0.1, 0.5]
+    assert bc.worst_pair(m) == ("b", "c")  # two finite negatives; NaN and -Inf left out
+
+
 def _grouped() -> object:
     m = metrics(["rul", "health"], [0, 1, 2])
     m.groups = [
@@ -68,7 +80,8 @@ def test_group_ratio_heatmap_is_log10_epochs_by_groups() -> None:
     trace = fig["data"][0]
     assert (trace["type"], trace["x"], trace["y"]) == ("heatmap", [0, 1, 2], ["encoder", "head"])
     assert trace["z"] == [[0.0, 2.0, None], [1.0, None, 0.0]]  # Inf: a gap, not a colour
-    assert fig["sources"] == [{"kind": "static"}]
+    source = {"kind": "groups", "field": "grad_norm_ratio", "log10": True}
+    assert fig["sources"] == [source]  # live updates append columns (static/js/run.js)
 
 
 def test_optional_figures_appear_only_with_their_data() -> None:

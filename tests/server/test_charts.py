@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from server import charts, compare_charts
+from server import charts, compare_charts, figure_parts
 from server.schemas import MetricsRead, PairSeries, RunRead, RunStatus
 
 NAN = float("nan")
@@ -79,7 +79,7 @@ def two_task_metrics() -> MetricsRead:
     )
 
 
-def lines(figure: charts.Figure) -> list[dict[str, Any]]:
+def lines(figure: figure_parts.Figure) -> list[dict[str, Any]]:
     """The traces drawn as lines (not the marker overlays)."""
     return [t for t in figure["data"] if t["mode"] == "lines"]
 
@@ -115,13 +115,16 @@ def test_task_colours_are_the_same_in_every_chart() -> None:
     figs = charts.run_figures(two_task_metrics(), 10.0)
     for key in ("grad_norm", "loss"):
         colours = {t["name"]: t["line"]["color"] for t in lines(figs[key])}
-        assert colours == {"rul": charts.TASK_PALETTE[0], "health": charts.TASK_PALETTE[1]}
+        assert colours == {
+            "rul": figure_parts.TASK_PALETTE[0],
+            "health": figure_parts.TASK_PALETTE[1],
+        }
     weight_colours = [t["line"]["color"] for t in lines(figs["weight"])]
-    assert weight_colours == [charts.TASK_PALETTE[0], charts.TASK_PALETTE[1]]
+    assert weight_colours == [figure_parts.TASK_PALETTE[0], figure_parts.TASK_PALETTE[1]]
 
 
 def test_task_palette_has_no_flag_red() -> None:
-    assert charts.FLAG_COLOR not in charts.TASK_PALETTE
+    assert figure_parts.FLAG_COLOR not in figure_parts.TASK_PALETTE
 
 
 def test_ratio_chart_draws_threshold_line_at_the_run_threshold() -> None:
@@ -248,7 +251,7 @@ def test_series_sources_point_at_the_columns_they_were_built_from() -> None:
     for fig in charts.run_figures(m, 10.0).values():
         for trace, source in zip(fig["data"], fig["sources"], strict=True):
             if source["kind"] == "series":
-                expected = charts.finite_or_none(charts.column(m, source["path"]))
+                expected = figure_parts.finite_or_none(figure_parts.column(m, source["path"]))
                 assert trace["y"] == expected
 
 
@@ -279,7 +282,7 @@ def test_compare_weights_colour_by_run_and_dash_by_task() -> None:
     assert (
         colors[2] in compare_charts.RUN_FAMILIES[1] and colors[3] in compare_charts.RUN_FAMILIES[1]
     )
-    assert not set(colors) & set(charts.TASK_PALETTE)  # never a run page's task colour
+    assert not set(colors) & set(figure_parts.TASK_PALETTE)  # never a run page's task colour
 
 
 def test_compare_draws_each_distinct_threshold_once() -> None:
@@ -291,28 +294,28 @@ def test_compare_draws_each_distinct_threshold_once() -> None:
 
 
 def test_finite_or_none_keeps_zero_and_ints() -> None:
-    assert charts.finite_or_none([0.0, 3, None, -math.inf]) == [0.0, 3, None, None]
+    assert figure_parts.finite_or_none([0.0, 3, None, -math.inf]) == [0.0, 3, None, None]
 
 
 def test_all_finite_sees_nan_and_infinity_between_missing_values() -> None:
-    assert charts.all_finite([None, 1.0, 0, None, -2.5]) is True
-    assert charts.all_finite([None, 1.0, NAN]) is False
-    assert charts.all_finite([INF, None, -INF]) is False
+    assert figure_parts.all_finite([None, 1.0, 0, None, -2.5]) is True
+    assert figure_parts.all_finite([None, 1.0, NAN]) is False
+    assert figure_parts.all_finite([INF, None, -INF]) is False
 
 
 def test_finite_or_none_keeps_finite_values_whose_sum_overflows() -> None:
     big = [1e308, 1e308, 2 * 10**400]
-    assert charts.finite_or_none(big) == big
-    assert charts.finite_or_none([1e308, 1e308, NAN]) == [1e308, 1e308, None]
+    assert figure_parts.finite_or_none(big) == big
+    assert figure_parts.finite_or_none([1e308, 1e308, NAN]) == [1e308, 1e308, None]
 
 
 def test_log_ticks_are_one_two_five_over_a_narrow_range() -> None:
-    ticks = charts.log_ticks([3.0, 40.0])
+    ticks = figure_parts.log_ticks([3.0, 40.0])
     assert [t for t in ticks if 1 <= t <= 100] == [1, 2, 5, 10, 20, 50, 100]
 
 
 def test_log_ticks_are_powers_of_ten_over_a_wide_range() -> None:
-    ticks = charts.log_ticks([0.01, 1500.0])
+    ticks = figure_parts.log_ticks([0.01, 1500.0])
     assert [t for t in ticks if 0.01 <= t <= 10_000] == [0.01, 0.1, 1, 10, 100, 1000, 10_000]
 
 

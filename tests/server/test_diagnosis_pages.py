@@ -90,3 +90,44 @@ def test_compare_page_did_balancing_help_table_and_its_csv(client: TestClient) -
 def test_compare_csv_of_an_unknown_run_is_404(client: TestClient) -> None:
     r = client.get("/compare.csv", params={"runs": "00000000-0000-0000-0000-000000000000"})
     assert r.status_code == 404
+
+
+def _three_task_epoch(n: int, cosines: list[float] | None) -> dict[str, Any]:
+    r = epoch(n, {"rul": 3.0, "health": 1.0, "op": 2.0})
+    pairs = [("rul", "health"), ("rul", "op"), ("health", "op")]
+    values = zip(pairs, cosines, strict=True) if cosines else []
+    r["cosines"] = [{"a": a, "b": b, "value": v} for (a, b), v in values]
+    return r
+
+
+def test_cosine_matrix_api_serves_the_matrix_of_one_epoch(client: TestClient) -> None:
+    run = make_run(client, tasks=["rul", "health", "op"])
+    rows = [_three_task_epoch(0, [0.5, -0.25, 0.1]), _three_task_epoch(1, None),
+            _three_task_epoch(2, [-0.75, 0.0, 0.3])]  # fmt: skip
+    assert ingest(client, run["id"], rows).status_code == 200
+    body = client.get(f"/api/runs/{run['id']}/cosine-matrix?epoch=0").json()
+    assert body["epoch"] == 0 and body["figure"]["layout"]["meta"]["epoch"] == 0
+    assert body["figure"]["data"][0]["z"] == [[1.0, 0.5, -0.25], [0.5, 1.0, 0.1], [-0.25, 0.1, 1.0]]
+    later = client.get(f"/api/runs/{run['id']}/cosine-matrix?epoch=2").json()["figure"]
+    assert later["data"][0]["z"][0][1] == -0.75
+    no_cosines = client.get(f"/api/runs/{run['id']}/cosine-matrix?epoch=1").json()
+    assert no_cosines == {"epoch": 1, "figure": None}
+    assert client.get(f"/api/runs/{run['id']}/cosine-matrix?epoch=-1").status_code == 422
+    assert client.get(f"/api/runs/{run['id']}/cosine-matrix").status_code == 422
+
+
+def test_cosine_matrix_api_of_an_unknown_run_is_404(client: TestClient) -> None:
+    unknown = "00000000-0000-0000-0000-000000000000"
+    r = client.get(f"/api/runs/{unknown}/cosine-matrix?epoch=0")
+    assert r.status_code == 404 and r.json()["error"]
+
+
+def test_run_page_has_the_epoch_picker_only_with_the_matrix(client: TestClient) -> None:
+    three = make_run(client, tasks=["rul", "health", "op"])
+    ingest(client, three["id"], [_three_task_epoch(0, [0.5, -0.25, 0.1])])
+    html = client.get(f"/runs/{three['id']}").text
+    assert 'id="matrix-epoch"' in html and 'id="chart-cosine_matrix"' in html
+    assert f"/api/runs/{three['id']}/cosine-matrix" in html
+    two = make_run(client)
+    ingest(client, two["id"], [epoch(0)])
+    assert 'id="matrix-epoch"' not in client.get(f"/runs/{two['id']}").text

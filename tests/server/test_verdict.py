@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from server import queries, verdict
 from tests.server.conftest import TestClient, epoch, ingest, make_run
 
 
@@ -84,3 +86,18 @@ def test_balanced_run_and_empty_run(client: TestClient) -> None:
 def test_unknown_run_is_404(client: TestClient) -> None:
     r = client.get("/api/runs/00000000-0000-0000-0000-000000000000/verdict")
     assert r.status_code == 404
+
+
+def test_the_run_pages_read_stands_in_for_its_own(client: TestClient, session: Any) -> None:
+    run = make_run(client)
+    records = [_record(i, 249.0 if i % 3 else 1.0, cos=-0.2 if i > 20 else 0.4) for i in range(40)]
+    records[7]["grad_norm_ratio"] = "NaN"
+    ingest(client, run["id"], records)
+    rid = uuid.UUID(run["id"])
+    read = queries.get_run(session, rid)
+    own = verdict.compute(session, read)
+    whole = queries.get_metrics(session, rid, max_points=2000)
+    assert verdict.compute(session, read, whole=whole) == own
+    sampled = queries.get_metrics(session, rid, max_points=8)  # downsampled: not every epoch
+    assert sampled.downsampled and verdict.compute(session, read, whole=sampled) == own
+    assert own.numbers["epochs"] == 40 and own.numbers["conflict_fraction"] == 19 / 40
