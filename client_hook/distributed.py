@@ -40,10 +40,26 @@ def data_parallel_ranks() -> int:
     return dist.get_world_size()
 
 
-def global_batch_reducer(all_ranks: bool) -> Callable[[list[Tensor]], None] | None:
-    """`all_reduce_mean` when this process is one of several data-parallel ranks whose numbers
+def global_batch_reducer(
+    all_ranks: bool,
+) -> Callable[[list[Tensor] | None, torch.device], bool] | None:
+    """`global_mean` when this process is one of several data-parallel ranks whose numbers
     are combined (`all_ranks` False); None otherwise (one process, or each rank its own run)."""
-    return None if all_ranks or data_parallel_ranks() == 1 else all_reduce_mean
+    return None if all_ranks or data_parallel_ranks() == 1 else global_mean
+
+
+def global_mean(tensors: list[Tensor] | None, device: torch.device) -> bool:
+    """Called by every rank on every sampled optimizer step. If every rank measured the step
+    (`tensors` given), average them in place (`all_reduce_mean`) and return True; if any rank
+    could not (None: its measurement failed), return False on every rank. A one-number
+    all-reduce decides first, so the ranks always enter the same collectives: a measurement
+    that fails on one rank only never leaves the others waiting in the big one."""
+    ok = torch.full((1,), 0.0 if tensors is None else 1.0, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if tensors is None or not ok.item():
+        return False
+    all_reduce_mean(tensors)
+    return True
 
 
 def all_reduce_mean(tensors: list[Tensor]) -> None:

@@ -26,7 +26,9 @@ from client_hook.engine import (
     task_grads,
 )
 
-Reduce = Callable[[list[Tensor]], None]  # in place, e.g. an all-reduce across ranks
+# in place across ranks, on every sampled step; None: this rank has nothing. Returns whether
+# every rank had its numbers (`client_hook.distributed.global_mean`)
+Reduce = Callable[[list[Tensor] | None, torch.device], bool]
 # One parameter's task gradients as row blocks ``[r, *shape]``, stacked rows in the step's
 # order (all tasks; or the directly computed ones, then the derived one): never copied into
 # one tensor, the Gram is taken block by block.
@@ -139,6 +141,18 @@ class StepMeasurer:
             batch.reader.close()
         self._reset_step()
 
+    def fail(self) -> None:
+        """This optimizer step cannot be measured (here): drop what it has; `finish_step`
+        still runs at the step's end (and tells the other ranks)."""
+        batch, self.pending = self.pending, None
+        if batch is not None and batch.reader is not None:
+            batch.reader.close()
+        self._broken = True
+
+    @property
+    def failed(self) -> bool:
+        return self._broken
+
     def close(self) -> None:
         """Discard the pending step and remove every hook left on the model."""
         self.discard()
@@ -149,13 +163,16 @@ class StepMeasurer:
         """The settled micro-batches of the step as one sample (None if it could not be
         measured), ready for the next step."""
         total, count, losses, host = self._sum, self._count, self._loss_sum, self._host
-        broken = self._broken
+        usable = not self._broken and total is not None and losses is not None and count > 0
         self._reset_step()
-        if broken or total is None or losses is None or not count:
+        present = [t for blocks in total or [] if blocks is not None for t in blocks]
+        if self.reduce is not None:  # every rank, whether it measured or not
+            device = self.params[0].device if self.params else torch.device("cpu")
+            if not self.reduce([*present, losses] if usable else None, device):  # type: ignore[list-item]
+                return None
+        if not usable:
             return None
-        present = [t for blocks in total if blocks is not None for t in blocks]
-        if self.reduce is not None:
-            self.reduce([*present, losses])
+        assert total is not None and losses is not None
         like = present[0]
         grams = self._grams(total, _wide(like.dtype))
         where = [self._order.index(task) for task in range(self.num)]  # row of each task

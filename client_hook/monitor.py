@@ -209,7 +209,7 @@ class GradMonitor:
             self._step_in_epoch = step + 1
             self._sampled = not step % self.sample_every and self.measuring and not self._closed
         self._micro = micro + 1
-        if self._sampled:
+        if self._sampled and not self.measurer.failed:
             self._measure(losses, weights or {}, extras or {})
 
     def _measure(
@@ -226,16 +226,14 @@ class GradMonitor:
                 "gradwatch: observe() got losses without a graph (under torch.no_grad()?); "
                 "those steps are not measured",
             )
-            self._sampled = False
-            self.measurer.discard()
+            self.measurer.fail()
             return
         by_task = per_task_report(self.tasks, extras, weights)
         try:
             self.measurer.observe(loss_list, [weights.get(t, 1.0) for t in self.tasks], by_task)
             self._weights = weights
         except Exception as exc:  # noqa: BLE001 - statistics must never break training
-            self._sampled = False
-            self.measurer.discard()
+            self.measurer.fail()
             self.warn(
                 "sample",
                 f"gradwatch: could not measure a step ({exc!r}); steps like it are skipped "
@@ -252,18 +250,27 @@ class GradMonitor:
             self.measurer.note(per_task_report(self.tasks, computed, self._weights))
 
     def _catch_up(self, end_step: bool = False) -> None:
-        """Settle the pending micro-batch; with `end_step`, close the optimizer step."""
+        """Settle the pending micro-batch; with `end_step`, close the optimizer step (a sampled
+        step is closed even if its measurement failed: under data parallelism every rank
+        takes part in the step's collective, `client_hook.distributed.global_mean`)."""
         try:
             self.measurer.settle()
-            if end_step:
-                self._micro = 0
-                if self._sampled:
-                    sample = self.measurer.finish_step()
-                    if sample is not None:
-                        self._samples.append(sample)
+        except Exception as exc:  # noqa: BLE001 - statistics must never break training
+            self.measurer.fail()
+            self.warn("sample", f"gradwatch: could not measure a step ({exc!r}); skipped")
+        if not end_step:
+            return
+        self._micro = 0
+        if not self._sampled:
+            return
+        try:
+            sample = self.measurer.finish_step()
         except Exception as exc:  # noqa: BLE001 - statistics must never break training
             self.measurer.discard()
             self.warn("sample", f"gradwatch: could not measure a step ({exc!r}); skipped")
+            return
+        if sample is not None:
+            self._samples.append(sample)
 
     def end_epoch(self, epoch: int | None = None, **epoch_values: Number | None) -> int:
         """Close the epoch and queue its record. Returns the epoch's index (from 0).

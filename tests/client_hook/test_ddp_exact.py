@@ -49,6 +49,14 @@ WORKER = textwrap.dedent("""
                           accumulation_steps=accumulate, local_path=out + ".jsonl")
     # FSDP2's sharded parameters: one pre-hook per module that owns parameters, else none
     assert pre_hooks() - hooks == (2 if mode.startswith("fsdp2") else 0), pre_hooks() - hooks
+    if mode == "fail-once" and rank == 1:  # rank 1 alone cannot measure the second step
+        observe, calls = monitor.measurer.observe, []
+        def failing(*args):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected: out of memory on rank 1 only")
+            return observe(*args)
+        monitor.measurer.observe = failing
     if mode == "raise" and rank == 1:
         raise SystemExit("rank 1 fails before its first step")
     for step, (x, y) in enumerate(batches(world)):
@@ -156,3 +164,15 @@ def test_ddp_numbers_equal_one_process_on_the_global_batch(tmp_path, world, mode
 def test_a_rank_that_fails_does_not_hang_the_others(tmp_path):
     codes, _ = launch(tmp_path, 2, "raise")
     assert codes[1] != 0  # rank 1 failed; rank 0 ended too (DDP's timeout), the test returned
+
+
+def test_a_measurement_failing_on_one_rank_skips_that_step_on_every_rank(tmp_path):
+    """Rank 1 alone fails to measure the second step: every rank drops that step (one
+    agreement all-reduce), none waits in a collective the others skipped, training goes on."""
+    codes, result = launch(tmp_path, 2, "fail-once")
+    assert codes == [0, 0]
+    assert result is not None and result["warnings"] == []  # rank 0 measured every step
+    refs, net = single_process_reference(2)
+    check(result["record"], [refs[0], refs[2]], rel=1e-5)
+    want = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    torch.testing.assert_close(torch.tensor(result["params"]), want, rtol=1e-5, atol=1e-7)
