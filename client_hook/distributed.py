@@ -4,10 +4,11 @@ Under DistributedDataParallel every rank computes its per-task gradients on its 
 (`client_hook.engine`; DDP's reducer plays no part, so ``no_sync()`` changes nothing). DDP
 applies the mean of the ranks' gradients, which is the gradient of the mean loss over the
 global batch; the per-task gradients of the global batch are therefore the means of the
-ranks' per-task gradients. On a sampled optimizer step `all_reduce_mean` averages them, and
+ranks' per-task gradients. On a sampled optimizer step `global_mean` averages them, and
 the step's losses, with ONE all-reduce of ``T * N + T`` numbers (N = monitored elements,
 float32 unless the parameters are wider) before the Gram matrices are taken, so every rank
-holds the global numbers; only rank 0 sends them. No collective runs on a step that is not
+holds the global numbers; only rank 0 sends them. A one-number all-reduce before it tells
+whether every rank measured the step (if not, all drop it). No collective runs on a step that is not
 sampled, and every rank samples the same steps: the decision is a pure function of the step
 counters, which DDP keeps equal across ranks (every rank runs every step).
 
