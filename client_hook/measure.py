@@ -163,17 +163,17 @@ class StepMeasurer:
         """The settled micro-batches of the step as one sample (None if it could not be
         measured), ready for the next step."""
         total, count, losses, host = self._sum, self._count, self._loss_sum, self._host
-        usable = not self._broken and total is not None and losses is not None and count > 0
+        broken = self._broken or not count
         self._reset_step()
-        present = [t for blocks in total or [] if blocks is not None for t in blocks]
+        mine = None if broken or total is None or losses is None else (total, losses)
         if self.reduce is not None:  # every rank, whether it measured or not
             device = self.params[0].device if self.params else torch.device("cpu")
-            if not self.reduce([*present, losses] if usable else None, device):  # type: ignore[list-item]
+            if not self.reduce(mine and [*self._task_rows(mine[0]), mine[1]], device):
                 return None
-        if not usable:
+        if mine is None:
             return None
-        assert total is not None and losses is not None
-        like = present[0]
+        total, losses = mine
+        like = next(blocks[0] for blocks in total if blocks is not None)
         grams = self._grams(total, _wide(like.dtype))
         where = [self._order.index(task) for task in range(self.num)]  # row of each task
         if where != sorted(where):
@@ -189,6 +189,17 @@ class StepMeasurer:
         if "balancer_loss" in host:
             parts["balancer_loss"] = _vector([host.pop("balancer_loss")], like.device)
         return StepSample.pack(parts)
+
+    def _task_rows(self, total: list[Blocks]) -> list[Tensor]:
+        """Per parameter, each task's row (a view) in task order: the layout every rank shares
+        whichever task its backward gave it (the ranks' batches differ, and so may their
+        choice of `derived`), for averaging across ranks in place."""
+        rows: list[Tensor] = []
+        for blocks in total:
+            if blocks is not None:
+                mine = [row for block in blocks for row in block]  # in `_order`
+                rows += [mine[self._order.index(task)] for task in range(self.num)]
+        return rows
 
     def _grams(self, total: list[Blocks], dtype: torch.dtype) -> Tensor:
         """Per group the Gram of the step's task gradients (rows in `_order`): per pair of row

@@ -20,7 +20,7 @@ WORKER = textwrap.dedent("""
     import datetime, json, os, sys, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from client_hook import GradMonitor
-    from tests.client_hook.test_ddp_exact import batches, WEIGHTS
+    from tests.client_hook.test_ddp_exact import batches, weights_for
     from tests.client_hook.test_engine import Net, task_losses
 
     out, mode = sys.argv[1], sys.argv[2]
@@ -45,6 +45,7 @@ WORKER = textwrap.dedent("""
     def pre_hooks():
         return sum(len(m._forward_pre_hooks) for m in net.modules())
     hooks = pre_hooks()
+    WEIGHTS = weights_for(mode)
     monitor = GradMonitor(net.shared, list(WEIGHTS), sample_every=1,
                           accumulation_steps=accumulate, local_path=out + ".jsonl")
     # FSDP2's sharded parameters: one pre-hook per module that owns parameters, else none
@@ -59,7 +60,7 @@ WORKER = textwrap.dedent("""
         monitor.measurer.observe = failing
     if mode == "raise" and rank == 1:
         raise SystemExit("rank 1 fails before its first step")
-    for step, (x, y) in enumerate(batches(world)):
+    for step, (x, y) in enumerate(batches(world, mode)):
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]  # this rank's share
         for k, (mx, my) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
             last = k == accumulate - 1
@@ -86,11 +87,21 @@ WORKER = textwrap.dedent("""
 WEIGHTS = {"t0": 0.5, "t1": 1.5}
 
 
-def batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Three global batches of 12 samples per rank (the same on every rank and here)."""
+def batches(world: int, mode: str = "plain") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Three global batches of 12 samples per rank (the same on every rank and here). Mode
+    "disagree": the targets of every rank but the first are 0, so that (with its weights) t1
+    dominates rank 0's batch and t0 the others': the ranks would choose different tasks to
+    derive from their backward."""
     gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(12 * world, 6, generator=gen), torch.randn(12 * world, generator=gen))
-            for _ in range(3)]  # fmt: skip
+    out = [(torch.randn(12 * world, 6, generator=gen), torch.randn(12 * world, generator=gen))
+           for _ in range(3)]  # fmt: skip
+    if mode == "disagree":
+        out = [(x, torch.cat([y[:12], torch.zeros(12 * (world - 1))])) for x, y in out]
+    return out
+
+
+def weights_for(mode: str) -> dict[str, float]:
+    return {"t0": 5.0, "t1": 0.1} if mode == "disagree" else WEIGHTS
 
 
 def launch(tmp_path, world: int, mode: str, worker: str = WORKER) -> tuple[list[int], dict | None]:
@@ -127,16 +138,16 @@ def launch(tmp_path, world: int, mode: str, worker: str = WORKER) -> tuple[list[
     return codes, result
 
 
-def single_process_reference(world: int) -> tuple[list[dict], Net]:
+def single_process_reference(world: int, mode: str = "plain") -> tuple[list[dict], Net]:
     """The same model and steps in one process on the concatenated (global) batches."""
     torch.manual_seed(0)
     net = Net(2)
     opt = torch.optim.SGD(net.parameters(), lr=1e-2)
     refs = []
-    for x, y in batches(world):
+    for x, y in batches(world, mode):
         losses = task_losses(net(x), y)
         refs.append(reference(net, losses))
-        (sum(w * losses[t] for t, w in WEIGHTS.items())).backward()
+        (sum(w * losses[t] for t, w in weights_for(mode).items())).backward()
         opt.step()
         opt.zero_grad()
     return refs, net
@@ -144,20 +155,20 @@ def single_process_reference(world: int) -> tuple[list[dict], Net]:
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize(
-    "mode", ["plain", "accumulate", "fsdp2", "fsdp2-layers", "fsdp2-resharded"]
+    "mode", ["plain", "accumulate", "disagree", "fsdp2", "fsdp2-layers", "fsdp2-resharded"]
 )
 def test_ddp_numbers_equal_one_process_on_the_global_batch(tmp_path, world, mode):
     codes, result = launch(tmp_path, world, mode)
     assert codes == [0] * world
     assert result is not None and result["warnings"] == []
-    refs, net = single_process_reference(world)
+    refs, net = single_process_reference(world, mode)
     check(result["record"], refs, rel=1e-5)
     want = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     torch.testing.assert_close(torch.tensor(result["params"]), want, rtol=1e-5, atol=1e-7)
     record = result["record"]
     assert record["step_count"] == 3
-    for task in WEIGHTS:
-        want = sum(r["trunk"]["norm"][task] * WEIGHTS[task] for r in refs) / 3
+    for task, weight in weights_for(mode).items():
+        want = sum(r["trunk"]["norm"][task] * weight for r in refs) / 3
         assert math.isclose(record["tasks"][task]["weighted_grad_norm"], want, rel_tol=1e-5)
 
 
