@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from client_hook import gradstats
-from server import alerts, epoch_blocks, groups, models, notify, schemas
+from server import alert_store, alerts, epoch_blocks, groups, models, notify, schemas
 from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
 from server.models import utcnow
@@ -146,8 +146,8 @@ def update_run(session: Session, run: models.Run, body: schemas.RunUpdate) -> mo
             setattr(run, name, getattr(body, name))
     _check_rearm(run.ratio_threshold, run.rearm_ratio)
     if alerts.run_hysteresis(run) != before:
-        alerts.recompute(session, run)
-        alerts.refresh_run_flags(session, run)
+        alert_store.recompute(session, run)
+        alert_store.refresh_run_flags(session, run)
     run.updated_at = now
     notify.run_changed(session, run.id)
     session.commit()
@@ -333,11 +333,11 @@ def ingest_batch(
         in_order = run.last_epoch is None or new[0].epoch > run.last_epoch
         views = [p.view for p in new]
         if in_order:
-            opened, closed = alerts.apply_new_epochs(session, run, views)
+            opened, closed = alert_store.apply_new_epochs(session, run, views)
         else:
-            opened, closed = alerts.recompute(session, run)
+            opened, closed = alert_store.recompute(session, run)
         if opened or closed or not in_order:
-            alerts.refresh_run_flags(session, run)
+            alert_store.refresh_run_flags(session, run)
         run.epoch_count = (run.epoch_count or 0) + len(new)
         if run.last_epoch is None or new[-1].epoch > run.last_epoch:
             run.last_epoch = new[-1].epoch
