@@ -15,7 +15,11 @@ How a process learns of changes:
 
 Each feed keeps a short log of the metrics events it sent, keyed by the cursor they start
 from; a stream whose cursor is not in the log (it connected between two reads, or fell
-behind) reads what it misses itself, once, and is back on the shared log.
+behind) reads what it misses itself, once, and is back on the shared log. Events are encoded
+once per process, as the bytes every stream writes (`sse`): a change costs each stream one
+wake-up and one write of shared bytes, nothing else. Streams wait on their feed's event
+alone (no timer of their own): the hub's tick wakes them every `TICK_SECONDS` for the
+heartbeat and the end of a response.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from server.notify import CHANNEL
 
 POLL_SECONDS = 1.0
 SAFETY_POLL_SECONDS = 10.0
+TICK_SECONDS = 5.0
 LOG_LENGTH = 64
 TRIM_DELAY_SECONDS = 1.0
 log = logging.getLogger("gradwatch.livefeed")
@@ -62,14 +67,25 @@ def _libc() -> Any:
 _LIBC = _libc()
 
 
+def sse(event: str, data: str, event_id: int | None = None) -> bytes:
+    """One event in the text/event-stream format (`data` is single-line JSON), as sent."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {data}\n\n".encode()
+
+
 @dataclass
 class Update:
     """One change of a run as its streams send it."""
 
-    metrics: list[tuple[int, str]]  # (cursor, MetricsRead JSON), oldest first
+    metrics: list[tuple[int, bytes]]  # (cursor, the `metrics` event), oldest first
     summary: str  # {"run": RunRead, "alerts": [...]} JSON
     status: str  # the run's status; "deleted" once it is gone
     cursor: int
+    summary_event: bytes = b""  # the `run` event of `summary`, with `cursor` as its id
+
+    def __post_init__(self) -> None:
+        if self.summary and not self.summary_event:
+            self.summary_event = sse("run", self.summary, self.cursor)
 
 
 @dataclass
@@ -79,8 +95,9 @@ class RunFeed:
     run_id: uuid.UUID
     viewers: int = 0
     cursor: int | None = None  # how far the shared log reaches
-    log: deque[tuple[int, int, str]] = field(default_factory=lambda: deque(maxlen=LOG_LENGTH))
+    log: deque[tuple[int, int, bytes]] = field(default_factory=lambda: deque(maxlen=LOG_LENGTH))
     summary: str = ""
+    summary_event: bytes = b""
     status: str = "running"
     signature: tuple[Any, ...] | None = None
     version: int = 0
@@ -88,7 +105,7 @@ class RunFeed:
     refreshing: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def chain(self, cursor: int) -> list[tuple[int, str]] | None:
+    def chain(self, cursor: int) -> list[tuple[int, bytes]] | None:
         """The logged metrics events from `cursor` on, or None when the log cannot say
         (`cursor` is not where a logged event starts, nor the end of the log)."""
         if self.cursor is None:
@@ -124,7 +141,8 @@ def read_update(session: Session, run_id: uuid.UUID, cursor: int | None) -> Upda
         latest = session.scalar(sa.select(sa.func.max(e.id)).where(e.run_id == run_id)) or 0
         return Update([], summary, run.status.value, latest)
     metrics = queries.get_metrics(session, run_id, since=cursor)
-    events = [(metrics.cursor, metrics.model_dump_json())] if metrics.epochs else []
+    text = metrics.model_dump_json()
+    events = [(metrics.cursor, sse("metrics", text, metrics.cursor))] if metrics.epochs else []
     return Update(events, summary, run.status.value, metrics.cursor if events else cursor)
 
 
@@ -180,6 +198,11 @@ class Hub:
         feed.viewers += 1
         return feed
 
+    def knows(self, run_id: uuid.UUID) -> bool:
+        """Whether the run is watched here and was there at the last read of it."""
+        feed = self.feeds.get(run_id)
+        return feed is not None and feed.cursor is not None and feed.status != "deleted"
+
     def unsubscribe(self, feed: RunFeed) -> None:
         feed.viewers -= 1
         if feed.viewers <= 0 and self.feeds.get(feed.run_id) is feed:
@@ -229,10 +252,22 @@ class Hub:
                 feed.log.append((start, end, text))
             start = end
         feed.cursor = update.cursor
-        feed.summary, feed.status = update.summary, update.status
+        feed.summary, feed.summary_event = update.summary, update.summary_event
+        feed.status = update.status
         feed.version += 1
+        self._wake(feed)
+
+    @staticmethod
+    def _wake(feed: RunFeed) -> None:
         feed.changed.set()
         feed.changed = asyncio.Event()
+
+    async def _tick(self) -> None:
+        """Wake every stream now and then, changed or not: for its heartbeat and its end."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            for feed in list(self.feeds.values()):
+                self._wake(feed)
 
     # ------------------------------------------------------------ list pages
 
@@ -257,6 +292,7 @@ class Hub:
             return
         self._started = True
         self._spawn(self._poll())
+        self._spawn(self._tick())
         if make_url(self.url).get_backend_name() == "postgresql":
             self._spawn(self._listen())
 
