@@ -5,6 +5,13 @@ One process by default; `--workers N` forks N of them on one listening socket
 small response waits on Nagle's algorithm (uvicorn issue #3149), which also gives a one-line
 error when the port is taken. Several `gradwatch serve` processes, on one machine or many,
 may share one PostgreSQL database: they keep no state of their own (server.livefeed).
+
+Memory: after a crowd of live viewers has left, CPython's small-object arenas stay fragmented
+(an arena goes back to the system only once every object in it is freed): with 1,000 viewers,
+RSS stayed ~30% above its idle value (bench/fanout.py). `PYTHONMALLOC=malloc gradwatch serve`
+puts objects on glibc's malloc instead, whose freed memory the live feed's malloc_trim returns
+(+5-6% after the crowd), but it costs ~15-20% of ingest throughput (measured on PostgreSQL), so
+it is the operator's choice, not the default.
 """
 
 from __future__ import annotations
@@ -64,26 +71,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _exec_with_system_malloc() -> None:
-    """Run the server on the C library's allocator (PYTHONMALLOC=malloc): re-execute this
-    command with it set, before anything else happens (the allocator is fixed at start).
-
-    Why: a crowd of live viewers leaves CPython's small-object arenas fragmented, and an arena
-    goes back to the system only when every object in it is freed: after 1,000 viewers left,
-    RSS stayed ~30% above its idle value (bench/fanout.py). On glibc's malloc freed memory
-    is returned by malloc_trim(3) (server.livefeed): +8%, for the same CPU. A PYTHONMALLOC
-    already set (pymalloc, debug) is kept; only on Linux."""
-    if os.environ.get("PYTHONMALLOC") or not sys.platform.startswith("linux"):
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, "PYTHONMALLOC": "malloc"})
-
-
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
-
-    _exec_with_system_malloc()
 
     from server.config import Settings
 

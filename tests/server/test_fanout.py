@@ -1,12 +1,10 @@
 """Live views sharing their process's feed (server.livefeed): a viewer that joins a watched run
-starts from the feed, and every viewer gets every later epoch once; the server process runs on
-the allocator that gives memory back after a crowd left (server.serve)."""
+starts from the feed, and every viewer gets every later epoch once."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from tests.server.multiprocess_support import SseReader, ok
 from tests.support import ServerProcess
@@ -47,18 +45,3 @@ def test_a_viewer_joining_a_watched_run_gets_every_later_epoch_once(database_url
             assert reader.ended == {"status": "finished"}
     assert first.epochs == again.epochs == list(range(12))  # every epoch, once, in order
     assert late.epochs == list(range(6, 12))
-
-
-def environment(pid: int) -> dict[str, str]:
-    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(p.decode().partition("=")[::2] for p in pairs if p)
-
-
-def test_the_server_runs_on_the_system_allocator_unless_told_otherwise(database_url: str) -> None:
-    with ServerProcess(database_url, env={"PYTHONMALLOC": ""}) as server:
-        assert server.proc is not None
-        assert environment(server.proc.pid)["PYTHONMALLOC"] == "malloc"
-        ok(server.url, "GET", "/health")
-    with ServerProcess(database_url, env={"PYTHONMALLOC": "pymalloc"}) as server:
-        assert server.proc is not None
-        assert environment(server.proc.pid)["PYTHONMALLOC"] == "pymalloc"
