@@ -1,9 +1,11 @@
 """Metrics reads: columnar, with downsampling that keeps every spike. Used by the API and pages.
 
-Metrics are read with driver-native selects straight into columns (no ORM objects, no result
-objects, no per-value type processing): 5,000 epochs x 2 tasks is ~20,000 rows. NaN can only
-appear in epochs flagged `has_non_finite` at ingest, so only those rows get a second look (on
-SQLite NaN comes back as the text sentinel, see models.FloatNaN).
+Which epochs a read returns is chosen in server.metrics_select; the compact body is built from
+each epoch's packed row instead when it can be (server.metrics_packed). Here metrics are read
+with driver-native selects straight into columns (no ORM objects, no result objects, no per-
+value type processing): 5,000 epochs x 2 tasks is ~20,000 rows. NaN can only appear in epochs
+flagged `has_non_finite` at ingest, so only those rows get a second look (on SQLite NaN comes
+back as the text sentinel, see models.FloatNaN).
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ alerts change, and `event: end` once the run is no longer running and every epoc
 `GET /api/stream/runs?project=&status=&flagged=&offset=`: `event: runs` with the runs list page
 (a `RunList`) whenever it changes.
 
-Streams do not poll: after one catch-up read each follows its process's hub (server.livefeed),
-which reads each change of a watched run once for all of its streams. Each response ends after
-`MAX_STREAM_SECONDS`; EventSource then reconnects on its own, so no connection outlives a
-server's graceful-shutdown window for long.
+Streams do not poll: after catching up (from the feed when it can say, else with one read)
+each follows its process's hub (server.livefeed), which reads each change of a watched run once
+for all of its streams and encodes its events once. Each response ends after
+`MAX_STREAM_SECONDS` (within the hub's tick); EventSource then reconnects on its own, so no
+connection outlives a server's graceful-shutdown window for long.
 """
 
 from __future__ import annotations
