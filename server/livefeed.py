@@ -18,8 +18,9 @@ from; a stream whose cursor is not in the log (it connected between two reads, o
 behind) reads what it misses itself, once, and is back on the shared log. Events are encoded
 once per process, as the bytes every stream writes (`sse`): a change costs each stream one
 wake-up and one write of shared bytes, nothing else. Streams wait on their feed's event
-alone (no timer of their own): the hub's tick wakes them every `TICK_SECONDS` for the
-heartbeat and the end of a response.
+alone (no timer of their own): every `TICK_SECONDS` the hub's tick wakes the streams of a
+feed that has been quiet long enough to owe a heartbeat, or that holds a stream due to end,
+and no others (waking a thousand streams at once costs the loop tens of milliseconds).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import heapq
 import logging
+import math
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +54,7 @@ from server.notify import CHANNEL
 POLL_SECONDS = 1.0
 SAFETY_POLL_SECONDS = 10.0
 TICK_SECONDS = 5.0
+HEARTBEAT_SECONDS = 15.0
 LOG_LENGTH = 64
 TRIM_DELAY_SECONDS = 1.0
 log = logging.getLogger("gradwatch.livefeed")
@@ -101,6 +106,8 @@ class RunFeed:
     status: str = "running"
     signature: tuple[Any, ...] | None = None
     version: int = 0
+    published_at: float = field(default_factory=time.monotonic)
+    deadlines: list[float] = field(default_factory=list)  # heap: when its streams end
     dirty: bool = True
     refreshing: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -189,13 +196,14 @@ class Hub:
 
     # ------------------------------------------------------------ streams
 
-    def subscribe(self, run_id: uuid.UUID) -> RunFeed:
+    def subscribe(self, run_id: uuid.UUID, ends_at: float = math.inf) -> RunFeed:
         self._start()
         feed = self.feeds.get(run_id)
         if feed is None:
             feed = self.feeds[run_id] = RunFeed(run_id)
             self.mark_dirty(run_id)
         feed.viewers += 1
+        heapq.heappush(feed.deadlines, ends_at)
         return feed
 
     def knows(self, run_id: uuid.UUID) -> bool:
@@ -255,6 +263,7 @@ class Hub:
         feed.summary, feed.summary_event = update.summary, update.summary_event
         feed.status = update.status
         feed.version += 1
+        feed.published_at = time.monotonic()
         self._wake(feed)
 
     @staticmethod
@@ -263,11 +272,16 @@ class Hub:
         feed.changed = asyncio.Event()
 
     async def _tick(self) -> None:
-        """Wake every stream now and then, changed or not: for its heartbeat and its end."""
+        """Wake the streams of the feeds that owe a heartbeat or hold a stream due to end."""
         while True:
             await asyncio.sleep(TICK_SECONDS)
+            now = time.monotonic()
             for feed in list(self.feeds.values()):
-                self._wake(feed)
+                due = feed.deadlines and feed.deadlines[0] <= now
+                while feed.deadlines and feed.deadlines[0] <= now:  # (left streams' too)
+                    heapq.heappop(feed.deadlines)
+                if due or now - feed.published_at >= HEARTBEAT_SECONDS - TICK_SECONDS:
+                    self._wake(feed)
 
     # ------------------------------------------------------------ list pages
 

@@ -38,7 +38,7 @@ from server.security import require_read
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_read)])
 
 POLL_SECONDS = livefeed.POLL_SECONDS
-HEARTBEAT_SECONDS = 15.0
+HEARTBEAT_SECONDS = livefeed.HEARTBEAT_SECONDS
 MAX_STREAM_SECONDS = 120.0
 RETRY_MS = 2000
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -89,9 +89,9 @@ async def run_events(
     while its log covers our cursor."""
     yield f"retry: {RETRY_MS}\n\n".encode()
     hub = livefeed.hub_of(request.app)
-    feed = hub.subscribe(run_id)
+    started = written = time.monotonic()
+    feed = hub.subscribe(run_id, ends_at=started + MAX_STREAM_SECONDS)
     try:
-        started = written = time.monotonic()
         seen = feed.version  # before our read: a change published meanwhile is acted on
         if cursor is None and feed.cursor is not None:
             cursor = feed.cursor
