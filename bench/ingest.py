@@ -21,8 +21,10 @@ once, each streaming the workload into its own run, through one server process o
 processes on the same PostgreSQL database (aggregate values/s).
 The read figures: GET /api/runs/{id}/metrics for the 5,000-epoch run over HTTP, body fully
 read, on each database, for the JSON body, JSON with gzip, and the compact columnar body
-(server/metrics_wire.py): the first read (from the database) and the median of the next ones
-(the process's body cache, valid while the run does not change), with the bytes on the wire.
+(server/metrics_wire.py, from the packed rows of server/metrics_packed.py): uncached reads
+(from the database; median, min, max), cached ones (the process's body cache, valid while the
+run does not change), the first request of a freshly started server process, and the bytes
+on the wire.
 """
 
 from __future__ import annotations
@@ -142,23 +144,44 @@ READS = {
 }
 
 
-def read_times(url: str, run_id: str, repeats: int) -> dict[str, tuple[float, list[float], int]]:
-    """Per body kind: (first read ms, later reads ms, bytes on the wire) of GET metrics (the
-    whole history, body fully read). The first read of a kind reads the database; later ones
-    are served from the process's body cache while the run does not change."""
+def _get(client: Http, path: str, headers: dict[str, str]) -> tuple[float, int]:
+    """ms of one GET, body fully read, and the bytes on the wire."""
+    t0 = time.perf_counter()
+    client.conn.request("GET", path, headers=headers)
+    r = client.conn.getresponse()
+    data = r.read()
+    assert r.status == 200, data[:200]
+    return (time.perf_counter() - t0) * 1000, len(data)
+
+
+def read_times(
+    url: str, run_id: str, repeats: int
+) -> dict[str, tuple[list[float], list[float], int]]:
+    """Per body kind: (uncached reads ms, cached reads ms, bytes on the wire) of GET metrics
+    (the whole history, body fully read). An uncached read asks for `epoch_max` beyond the
+    last epoch, a different value each time: the same body, read from the database, as the
+    first read after any change of the run is. A cached one repeats a request: the process's
+    body cache serves it while the run does not change."""
     client = Http(url)
     out = {}
+    path = f"/api/runs/{run_id}/metrics"
     for name, headers in READS.items():
-        times, size = [], 0
+        uncached = [_get(client, f"{path}?epoch_max={10**6 + i}", headers)[0]
+                    for i in range(repeats)]  # fmt: skip
+        cached, size = [], 0
         for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            client.conn.request("GET", f"/api/runs/{run_id}/metrics", headers=headers)
-            r = client.conn.getresponse()
-            data = r.read()
-            times.append((time.perf_counter() - t0) * 1000)
-            assert r.status == 200, data[:200]
-            size = len(data)
-        out[name] = (times[0], times[1:], size)
+            ms, size = _get(client, path, headers)
+            cached.append(ms)
+        out[name] = (uncached, cached[1:], size)
+    return out
+
+
+def first_reads(database_url: str, run_id: str) -> dict[str, float]:
+    """Per body kind: ms of the first request a freshly started server process answers."""
+    out = {}
+    for name, headers in READS.items():
+        with ServerProcess(database_url) as server:
+            out[name] = _get(Http(server.url), f"/api/runs/{run_id}/metrics", headers)[0]
     return out
 
 
@@ -296,6 +319,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gradwatch-bench-"))
     pg_url = create_pg_database("gradwatch_bench")
     reads: dict[str, Any] = {}
+    firsts: dict[str, dict[str, float]] = {}
     latency_ms = None
 
     def note(name: str, system: str, n: int, secs: list[float]) -> None:
@@ -313,6 +337,7 @@ def main() -> int:
                     note(name, f"gradwatch {db}", count_values(records), secs)
                     if name.startswith("A"):
                         reads[db] = read_times(server.url, run_id, 10 if args.quick else 30)
+                        firsts[db] = first_reads(url, run_id)
                     if db == "sqlite" and name.startswith("A"):
                         latency_ms = per_epoch_latency(server.url, records[:200])
                 if db == "postgresql":  # two clients at once: one process, then two
@@ -356,11 +381,15 @@ def main() -> int:
             spread = spreads.get((name, system), "")
             print(f"{name:<28}{system:<24}{rate:>12,.0f}{spread:>22}{ratio:>11}")
     for db, kinds in reads.items():
-        print(f"\nread back the {5000 // scale}-epoch, 2-task history (GET metrics, {db}, HTTP):")
-        for kind, (first, later, size) in kinds.items():
+        print(
+            f"\nread back the {5000 // scale}-epoch, 2-task history (GET metrics, {db}, HTTP), ms:"
+        )
+        for kind, (uncached, cached, size) in kinds.items():
             print(
-                f"  {kind:<11} first {first:6.1f} ms; then median {statistics.median(later):5.1f}"
-                f" ms (min {min(later):.1f}, max {max(later):.1f}); {size / 1e6:.2f} MB"
+                f"  {kind:<11} uncached median {statistics.median(uncached):6.1f}"
+                f" (min {min(uncached):5.1f}, max {max(uncached):6.1f});"
+                f" cached median {statistics.median(cached):5.1f};"
+                f" first after a server start {firsts[db][kind]:6.1f}; {size / 1e6:.2f} MB"
             )
     if latency_ms is not None:
         print(f"one-epoch POST (live training, one request an epoch): median {latency_ms:.2f} ms")

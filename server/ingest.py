@@ -24,7 +24,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from client_hook import gradstats
-from server import alerts, epoch_blocks, groups, models, notify, schemas
+from server import (
+    alert_store,
+    alerts,
+    epoch_blocks,
+    groups,
+    metrics_packed,
+    models,
+    notify,
+    schemas,
+)
 from server.config import Settings
 from server.errors import EpochConflict, InvalidInput, RunNotFound, TasksConflict
 from server.models import utcnow
@@ -146,8 +155,8 @@ def update_run(session: Session, run: models.Run, body: schemas.RunUpdate) -> mo
             setattr(run, name, getattr(body, name))
     _check_rearm(run.ratio_threshold, run.rearm_ratio)
     if alerts.run_hysteresis(run) != before:
-        alerts.recompute(session, run)
-        alerts.refresh_run_flags(session, run)
+        alert_store.recompute(session, run)
+        alert_store.refresh_run_flags(session, run)
     run.updated_at = now
     notify.run_changed(session, run.id)
     session.commit()
@@ -170,7 +179,7 @@ def delete_run(session: Session, run: models.Run) -> None:
 
 
 EPOCH_COLUMNS = (
-    "run_id", "epoch", *models.EPOCH_FIELDS, "has_non_finite", "digest", "groups_json"
+    "run_id", "epoch", *models.EPOCH_FIELDS, "has_non_finite", "digest", "groups_json", "packed"
 )  # fmt: skip
 TASK_COLUMNS = ("run_id", "task_id", "epoch", *models.TASK_FIELDS)
 COSINE_COLUMNS = ("run_id", "task_a_id", "task_b_id", "epoch", "value")
@@ -226,6 +235,8 @@ def _prepare(
     where = f"epochs[{i}]"
     task_rows, norms, weights, parts = [], {}, {}, []
     weighted: dict[str, float | None] = {}
+    by_position: list[tuple[Any, ...] | None] = [None] * len(tasks)
+    cosines: dict[tuple[int, int], float | None] = {}
     non_finite = False
     for name, te in rec.tasks.items():
         if name not in tasks:
@@ -233,6 +244,7 @@ def _prepare(
         task_id, position = tasks[name]
         values = _task_values(te)
         task_rows.append((run_key, task_id, rec.epoch, *values))
+        by_position[position] = values
         norms[name], weights[name] = te.grad_norm, te.task_weight
         weighted[name] = te.weighted_grad_norm
         packed, bad = _pack(values)
@@ -251,6 +263,7 @@ def _prepare(
             raise InvalidInput(f"{where}.cosines[{j}]", "pair must be two different tasks, once")
         seen.add((pa, pb))
         cosine_rows.append((run_key, ida, idb, rec.epoch, c.value))
+        cosines[(pa, pb)] = c.value
         packed, bad = _pack((c.value,))
         parts.append((pa, pb, packed))
         non_finite = non_finite or bad
@@ -278,7 +291,9 @@ def _prepare(
         group_text, bad = groups.canonical(where, rec.groups, names)
         digest.update(b"groups" + group_text.encode())
         non_finite = non_finite or bad
-    rows = [(run_key, rec.epoch, *epoch_values, non_finite, digest.hexdigest(), group_text)]
+    packed_row = metrics_packed.pack(epoch_values, by_position, cosines, non_finite)
+    rows = [(run_key, rec.epoch, *epoch_values, non_finite, digest.hexdigest(), group_text,
+             packed_row)]  # fmt: skip
     if non_finite and sqlite:
         rows, task_rows, cosine_rows = map(_sqlite_nan, (rows, task_rows, cosine_rows))
     view = alerts.EpochView(rec.epoch, ratio, min_cos, norms, weights)
@@ -333,11 +348,11 @@ def ingest_batch(
         in_order = run.last_epoch is None or new[0].epoch > run.last_epoch
         views = [p.view for p in new]
         if in_order:
-            opened, closed = alerts.apply_new_epochs(session, run, views)
+            opened, closed = alert_store.apply_new_epochs(session, run, views)
         else:
-            opened, closed = alerts.recompute(session, run)
+            opened, closed = alert_store.recompute(session, run)
         if opened or closed or not in_order:
-            alerts.refresh_run_flags(session, run)
+            alert_store.refresh_run_flags(session, run)
         run.epoch_count = (run.epoch_count or 0) + len(new)
         if run.last_epoch is None or new[-1].epoch > run.last_epoch:
             run.last_epoch = new[-1].epoch

@@ -15,7 +15,12 @@ How a process learns of changes:
 
 Each feed keeps a short log of the metrics events it sent, keyed by the cursor they start
 from; a stream whose cursor is not in the log (it connected between two reads, or fell
-behind) reads what it misses itself, once, and is back on the shared log.
+behind) reads what it misses itself, once, and is back on the shared log. Events are encoded
+once per process, as the bytes every stream writes (`sse`): a change costs each stream one
+wake-up and one write of shared bytes, nothing else. Streams wait on their feed's event
+alone (no timer of their own): every `TICK_SECONDS` the hub's tick wakes the streams of a
+feed that has been quiet long enough to owe a heartbeat, or that holds a stream due to end,
+and no others (waking a thousand streams at once costs the loop tens of milliseconds).
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import heapq
 import logging
+import math
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +53,8 @@ from server.notify import CHANNEL
 
 POLL_SECONDS = 1.0
 SAFETY_POLL_SECONDS = 10.0
+TICK_SECONDS = 5.0
+HEARTBEAT_SECONDS = 15.0
 LOG_LENGTH = 64
 TRIM_DELAY_SECONDS = 1.0
 log = logging.getLogger("gradwatch.livefeed")
@@ -62,14 +72,25 @@ def _libc() -> Any:
 _LIBC = _libc()
 
 
+def sse(event: str, data: str, event_id: int | None = None) -> bytes:
+    """One event in the text/event-stream format (`data` is single-line JSON), as sent."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {data}\n\n".encode()
+
+
 @dataclass
 class Update:
     """One change of a run as its streams send it."""
 
-    metrics: list[tuple[int, str]]  # (cursor, MetricsRead JSON), oldest first
+    metrics: list[tuple[int, bytes]]  # (cursor, the `metrics` event), oldest first
     summary: str  # {"run": RunRead, "alerts": [...]} JSON
     status: str  # the run's status; "deleted" once it is gone
     cursor: int
+    summary_event: bytes = b""  # the `run` event of `summary`, with `cursor` as its id
+
+    def __post_init__(self) -> None:
+        if self.summary and not self.summary_event:
+            self.summary_event = sse("run", self.summary, self.cursor)
 
 
 @dataclass
@@ -79,16 +100,19 @@ class RunFeed:
     run_id: uuid.UUID
     viewers: int = 0
     cursor: int | None = None  # how far the shared log reaches
-    log: deque[tuple[int, int, str]] = field(default_factory=lambda: deque(maxlen=LOG_LENGTH))
+    log: deque[tuple[int, int, bytes]] = field(default_factory=lambda: deque(maxlen=LOG_LENGTH))
     summary: str = ""
+    summary_event: bytes = b""
     status: str = "running"
     signature: tuple[Any, ...] | None = None
     version: int = 0
+    published_at: float = field(default_factory=time.monotonic)
+    deadlines: list[float] = field(default_factory=list)  # heap: when its streams end
     dirty: bool = True
     refreshing: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def chain(self, cursor: int) -> list[tuple[int, str]] | None:
+    def chain(self, cursor: int) -> list[tuple[int, bytes]] | None:
         """The logged metrics events from `cursor` on, or None when the log cannot say
         (`cursor` is not where a logged event starts, nor the end of the log)."""
         if self.cursor is None:
@@ -124,7 +148,8 @@ def read_update(session: Session, run_id: uuid.UUID, cursor: int | None) -> Upda
         latest = session.scalar(sa.select(sa.func.max(e.id)).where(e.run_id == run_id)) or 0
         return Update([], summary, run.status.value, latest)
     metrics = queries.get_metrics(session, run_id, since=cursor)
-    events = [(metrics.cursor, metrics.model_dump_json())] if metrics.epochs else []
+    text = metrics.model_dump_json()
+    events = [(metrics.cursor, sse("metrics", text, metrics.cursor))] if metrics.epochs else []
     return Update(events, summary, run.status.value, metrics.cursor if events else cursor)
 
 
@@ -171,14 +196,20 @@ class Hub:
 
     # ------------------------------------------------------------ streams
 
-    def subscribe(self, run_id: uuid.UUID) -> RunFeed:
+    def subscribe(self, run_id: uuid.UUID, ends_at: float = math.inf) -> RunFeed:
         self._start()
         feed = self.feeds.get(run_id)
         if feed is None:
             feed = self.feeds[run_id] = RunFeed(run_id)
             self.mark_dirty(run_id)
         feed.viewers += 1
+        heapq.heappush(feed.deadlines, ends_at)
         return feed
+
+    def knows(self, run_id: uuid.UUID) -> bool:
+        """Whether the run is watched here and was there at the last read of it."""
+        feed = self.feeds.get(run_id)
+        return feed is not None and feed.cursor is not None and feed.status != "deleted"
 
     def unsubscribe(self, feed: RunFeed) -> None:
         feed.viewers -= 1
@@ -229,10 +260,28 @@ class Hub:
                 feed.log.append((start, end, text))
             start = end
         feed.cursor = update.cursor
-        feed.summary, feed.status = update.summary, update.status
+        feed.summary, feed.summary_event = update.summary, update.summary_event
+        feed.status = update.status
         feed.version += 1
+        feed.published_at = time.monotonic()
+        self._wake(feed)
+
+    @staticmethod
+    def _wake(feed: RunFeed) -> None:
         feed.changed.set()
         feed.changed = asyncio.Event()
+
+    async def _tick(self) -> None:
+        """Wake the streams of the feeds that owe a heartbeat or hold a stream due to end."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            now = time.monotonic()
+            for feed in list(self.feeds.values()):
+                due = feed.deadlines and feed.deadlines[0] <= now
+                while feed.deadlines and feed.deadlines[0] <= now:  # (left streams' too)
+                    heapq.heappop(feed.deadlines)
+                if due or now - feed.published_at >= HEARTBEAT_SECONDS - TICK_SECONDS:
+                    self._wake(feed)
 
     # ------------------------------------------------------------ list pages
 
@@ -257,6 +306,7 @@ class Hub:
             return
         self._started = True
         self._spawn(self._poll())
+        self._spawn(self._tick())
         if make_url(self.url).get_backend_name() == "postgresql":
             self._spawn(self._listen())
 

@@ -13,6 +13,7 @@ from server.config import Settings, asset_dir, get_settings
 from server.db import create_db_engine, make_session_factory
 from server.errors import install_handlers
 from server.guards import BodyTimeoutMiddleware, HostCheckMiddleware, JsonBodyMiddleware
+from server.queries import warm_up
 from server.security import BodyLimitMiddleware, SecurityHeadersMiddleware
 
 
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        warm_up(app.state.session_factory)
         yield
         if app.state.webhooks is not None:
             app.state.webhooks.close()

@@ -59,7 +59,7 @@ def maybe_gzip(body: bytes, accept_encoding: str | None) -> tuple[bytes, dict[st
     return body, headers
 
 
-def _pack(values: list[Any], code: str) -> tuple[bytes | None, dict[str, Any]]:
+def pack_values(values: list[Any], code: str) -> tuple[bytes | None, dict[str, Any]]:
     """One column: (array bytes or None, its header entry without the offset)."""
     n = len(values)
     first = values[0] if n else None
@@ -87,13 +87,14 @@ def _infinities(values: Any) -> int:
     return int(values.count(math.inf) + values.count(-math.inf))
 
 
-def _columns(d: MetricsData) -> list[tuple[dict[str, Any], list[Any], str]]:
-    cols = [({"group": "epoch", "field": f}, v, TYPES.get(f, "f"))
-            for f, v in d.epoch_metrics.items()]  # fmt: skip
-    for task, fields in d.task_metrics.items():
-        cols += [({"group": "task", "task": task, "field": f}, v, "f") for f, v in fields.items()]
-    cols += [({"group": "pair", "a": a, "b": b}, v, "f") for a, b, v in d.cosines]
-    for g in d.groups:  # per parameter group: each task's norm, the ratio, the minimum cosine
+Named = tuple[dict[str, Any], list[Any], str]  # (column name, values, type code)
+Column = tuple[dict[str, Any], bytes | None, dict[str, Any]]  # (name, array or None, meta)
+
+
+def group_columns(groups: list[dict[str, Any]]) -> list[Named]:
+    """Per parameter group: each task's norm, the ratio, the minimum cosine."""
+    cols: list[Named] = []
+    for g in groups:
         layer = {"group": "layer", "name": g["name"]}
         cols += [({**layer, "task": t, "field": "grad_norm"}, v, "f")
                  for t, v in g["grad_norm"].items()]  # fmt: skip
@@ -101,23 +102,43 @@ def _columns(d: MetricsData) -> list[tuple[dict[str, Any], list[Any], str]]:
     return cols
 
 
+def _columns(d: MetricsData) -> list[Named]:
+    cols = [({"group": "epoch", "field": f}, v, TYPES.get(f, "f"))
+            for f, v in d.epoch_metrics.items()]  # fmt: skip
+    for task, fields in d.task_metrics.items():
+        cols += [({"group": "task", "task": task, "field": f}, v, "f") for f, v in fields.items()]
+    cols += [({"group": "pair", "a": a, "b": b}, v, "f") for a, b, v in d.cosines]
+    return cols + group_columns(d.groups)
+
+
+def head(run_id: Any, tasks: list[str], cursor: int, downsampled: bool, total_epochs: int
+         ) -> dict[str, Any]:  # fmt: skip
+    """The header fields a body starts with."""
+    return {"run_id": str(run_id), "tasks": tasks, "cursor": cursor, "downsampled": downsampled,
+            "total_epochs": total_epochs}  # fmt: skip
+
+
 def encode(d: MetricsData) -> bytes:
     """The compact body of `d` (see the module docstring)."""
-    n = len(d.epochs)
+    fields = head(d.run_id, d.tasks, d.cursor, d.downsampled, d.total_epochs)
+    cols = [(name, *pack_values(v, code)) for name, v, code in _columns(d)]
+    return assemble(fields, d.epochs, cols)
+
+
+def assemble(fields: dict[str, Any], epochs: list[int], columns: list[Column]) -> bytes:
+    """A compact body: the header `fields`, the epochs, then the packed `columns` in order."""
+    n = len(epochs)
     entries: list[tuple[dict[str, Any], bytes]] = []  # in the order of the arrays
-    if n == 0 or d.epochs[-1] - d.epochs[0] == n - 1:
-        epochs: dict[str, Any] = {"start": d.epochs[0] if n else 0}
+    if n == 0 or epochs[-1] - epochs[0] == n - 1:
+        epochs_meta: dict[str, Any] = {"start": epochs[0] if n else 0}
     else:
-        data, epochs = _pack(d.epochs, "i")
-        entries.append((epochs, data or b""))
-    columns = []
-    for name, values, code in _columns(d):
-        data, meta = _pack(values, code)
-        columns.append({**name, **meta})
-        entries.append((columns[-1], data or b""))
-    header = {"run_id": str(d.run_id), "tasks": d.tasks, "cursor": d.cursor,
-              "downsampled": d.downsampled, "total_epochs": d.total_epochs, "count": n,
-              "epochs": epochs, "columns": columns}  # fmt: skip
+        data, epochs_meta = pack_values(epochs, "i")
+        entries.append((epochs_meta, data or b""))
+    metas = []
+    for name, data, meta in columns:
+        metas.append({**name, **meta})
+        entries.append((metas[-1], data or b""))
+    header = {**fields, "count": n, "epochs": epochs_meta, "columns": metas}
     # The offsets' digits change the header's length: reserve room for them, then pad.
     start = (4 + len(orjson.dumps(header)) + 24 * len(entries) + 7) // 8 * 8
     offset = start

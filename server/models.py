@@ -162,6 +162,8 @@ class Epoch(Base):
     """Hash of the stored record: identical re-send = duplicate, different one = conflict."""
     groups_json: Mapped[str | None] = mapped_column(sa.Text)
     """Per-parameter-group numbers as canonical JSON text (server.groups); NULL: none sent."""
+    packed: Mapped[bytes | None] = mapped_column(sa.LargeBinary, deferred=True)
+    """The epoch's numbers as the compact metrics body holds them (server.metrics_packed)."""
 
 
 class TaskEpoch(Base):

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from server import groups, ingest, metrics_wire, models, queries, schemas, verdict
+from server import groups, ingest, metrics_packed, metrics_wire, models, queries, schemas, verdict
 from server.db import SessionDep, database_kind
 from server.errors import RunNotFound
 from server.security import require_read, require_write
@@ -293,11 +293,13 @@ def get_metrics(
     hit = bodies.get(key)
     if hit is not None:
         return Response(hit[0], media_type=hit[1]["Content-Type"], headers=hit[1])
-    d = queries.metrics_data(session, run_id, tasks=names, epoch_min=epoch_min,
-                             epoch_max=epoch_max, since=since, max_points=max_points)  # fmt: skip
+    query: dict[str, Any] = {"tasks": names, "epoch_min": epoch_min, "epoch_max": epoch_max,
+                             "since": since, "max_points": max_points}  # fmt: skip
     if compact:
-        body, headers = metrics_wire.encode(d), {"Content-Type": metrics_wire.MEDIA_TYPE}
+        body = metrics_packed.compact_body(session, run_id, **query)
+        headers = {"Content-Type": metrics_wire.MEDIA_TYPE}
     else:
+        d = queries.metrics_data(session, run_id, **query)
         body, headers = metrics_wire.maybe_gzip(_json_columns(d), accept_encoding)
         headers["Content-Type"] = "application/json"
     headers["Vary"] = "Accept, Accept-Encoding"

@@ -8,10 +8,11 @@ alerts change, and `event: end` once the run is no longer running and every epoc
 `GET /api/stream/runs?project=&status=&flagged=&offset=`: `event: runs` with the runs list page
 (a `RunList`) whenever it changes.
 
-Streams do not poll: after one catch-up read each follows its process's hub (server.livefeed),
-which reads each change of a watched run once for all of its streams. Each response ends after
-`MAX_STREAM_SECONDS`; EventSource then reconnects on its own, so no connection outlives a
-server's graceful-shutdown window for long.
+Streams do not poll: after catching up (from the feed when it can say, else with one read)
+each follows its process's hub (server.livefeed), which reads each change of a watched run once
+for all of its streams and encodes its events once. Each response ends after
+`MAX_STREAM_SECONDS` (within the hub's tick); EventSource then reconnects on its own, so no
+connection outlives a server's graceful-shutdown window for long.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from server import livefeed, models, queries, schemas
+from server import livefeed, queries, schemas
 from server.errors import InvalidInput
 from server.routes.pages import RUNS_PER_PAGE, runs_filters
 from server.schemas import MAX_INT32, MAX_INT63
@@ -37,17 +38,17 @@ from server.security import require_read
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_read)])
 
 POLL_SECONDS = livefeed.POLL_SECONDS
-HEARTBEAT_SECONDS = 15.0
+HEARTBEAT_SECONDS = livefeed.HEARTBEAT_SECONDS
 MAX_STREAM_SECONDS = 120.0
 RETRY_MS = 2000
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
+E = TypeVar("E", str, bytes)
 
 
 def sse(event: str, data: str, event_id: int | None = None) -> str:
     """One event in the text/event-stream format (`data` is single-line JSON)."""
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {data}\n\n"
+    return livefeed.sse(event, data, event_id).decode()
 
 
 async def in_session(request: Request, fn: Callable[[Session], T]) -> T:
@@ -55,7 +56,7 @@ async def in_session(request: Request, fn: Callable[[Session], T]) -> T:
     return await livefeed.hub_of(request.app).read(fn)
 
 
-async def until_outage(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def until_outage(request: Request, events: AsyncIterator[E]) -> AsyncIterator[E]:
     """`events` until the database goes away: then the stream just ends (no traceback; the
     outage is logged once by server/outage.py, and the reconnect answers 503)."""
     try:
@@ -79,45 +80,52 @@ def parse_cursor(since: int | None, last_event_id: str | None) -> int | None:
     return int(text)
 
 
-def latest_cursor(session: Session, run_id: uuid.UUID) -> int:
-    return session.scalar(sa.select(sa.func.max(models.Epoch.id)).where(
-        models.Epoch.run_id == run_id)) or 0  # fmt: skip
-
-
-async def run_events(request: Request, run_id: uuid.UUID, cursor: int) -> AsyncIterator[str]:
-    """Catch up from `cursor` with one read of our own, then follow the process's shared feed
-    (server.livefeed): one step per change it publishes, no query of ours while its log
-    covers our cursor."""
-    yield f"retry: {RETRY_MS}\n\n"
+async def run_events(
+    request: Request, run_id: uuid.UUID, cursor: int | None
+) -> AsyncIterator[bytes]:
+    """Catch up from `cursor` (None: from now on), from the process's shared feed when it
+    can say (server.livefeed) or with one read of our own, then follow the feed: per change
+    it publishes, one write of the bytes it encoded for every stream, and no query of ours
+    while its log covers our cursor."""
+    yield f"retry: {RETRY_MS}\n\n".encode()
     hub = livefeed.hub_of(request.app)
-    feed = hub.subscribe(run_id)
+    started = written = time.monotonic()
+    feed = hub.subscribe(run_id, ends_at=started + MAX_STREAM_SECONDS)
     try:
-        started = time.monotonic()
         seen = feed.version  # before our read: a change published meanwhile is acted on
-        update = await hub.read(lambda s: livefeed.read_update(s, run_id, cursor))
+        if cursor is None and feed.cursor is not None:
+            cursor = feed.cursor
+        update = await _follow(hub, feed, run_id, cursor)
+        cursor = update.cursor if cursor is None else cursor
         sent = ""
         while True:
-            for at, text in update.metrics:
+            out = []
+            for at, event in update.metrics:
                 if at > cursor:
                     cursor = at
-                    yield sse("metrics", text, cursor)
+                    out.append(event)
             if update.status == "deleted":  # deleted while watched
-                yield sse("end", orjson.dumps({"deleted": True}).decode())
+                yield b"".join([*out, livefeed.sse("end", '{"deleted":true}')])
                 return
             if update.summary != sent:
                 sent = update.summary
-                yield sse("run", sent, cursor)
+                out.append(update.summary_event if update.cursor == cursor
+                           else livefeed.sse("run", sent, cursor))  # fmt: skip
             if update.status != schemas.RunStatus.running.value:
-                yield sse("end", orjson.dumps({"status": update.status}).decode(), cursor)
+                end = orjson.dumps({"status": update.status}).decode()
+                yield b"".join([*out, livefeed.sse("end", end, cursor)])
                 return
+            if out:
+                yield out[0] if len(out) == 1 else b"".join(out)
+                written = time.monotonic()
             while feed.version == seen:
-                left = MAX_STREAM_SECONDS - (time.monotonic() - started)
-                if left <= 0:
+                await feed.changed.wait()  # a change, or the hub's tick
+                now = time.monotonic()
+                if now - started >= MAX_STREAM_SECONDS:
                     return
-                try:
-                    await asyncio.wait_for(feed.changed.wait(), min(left, HEARTBEAT_SECONDS))
-                except TimeoutError:
-                    yield ": ping\n\n"
+                if feed.version == seen and now - written >= HEARTBEAT_SECONDS:
+                    yield b": ping\n\n"
+                    written = now
             seen = feed.version
             update = await _follow(hub, feed, run_id, cursor)
     finally:
@@ -125,12 +133,12 @@ async def run_events(request: Request, run_id: uuid.UUID, cursor: int) -> AsyncI
 
 
 async def _follow(hub: livefeed.Hub, feed: livefeed.RunFeed, run_id: uuid.UUID,
-                  cursor: int) -> livefeed.Update:  # fmt: skip
+                  cursor: int | None) -> livefeed.Update:  # fmt: skip
     """The feed's news after `cursor`: from its shared log, or (when the log cannot say, or
     the run ended and we must be sure to hold every epoch) one read of our own."""
-    chain = feed.chain(cursor)
-    if chain is not None and feed.status == "running":
-        return livefeed.Update(chain, feed.summary, feed.status, feed.cursor or cursor)
+    chain = None if cursor is None else feed.chain(cursor)
+    if chain is not None and feed.status == "running" and feed.cursor is not None:
+        return livefeed.Update(chain, feed.summary, feed.status, feed.cursor, feed.summary_event)
     return await hub.read(lambda s: livefeed.read_update(s, run_id, cursor))
 
 
@@ -142,10 +150,9 @@ async def run_stream(
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Live epochs of one run (see module docstring). 404 for an unknown run."""
-    await in_session(request, lambda s: queries.get_run(s, run_id))  # raises RunNotFound
     cursor = parse_cursor(since, last_event_id)
-    if cursor is None:  # no cursor: only what arrives from now on
-        cursor = await in_session(request, lambda s: latest_cursor(s, run_id))
+    if not livefeed.hub_of(request.app).knows(run_id):  # else it is being watched already
+        await in_session(request, lambda s: queries.get_run(s, run_id))  # raises RunNotFound
     events = until_outage(request, run_events(request, run_id, cursor))
     return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
 

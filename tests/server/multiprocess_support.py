@@ -102,10 +102,12 @@ class SseReader(threading.Thread):
     """Follows /api/runs/{id}/stream on one server until `end` (reconnecting with
     Last-Event-ID, as EventSource does), recording every epoch it receives and when."""
 
-    def __init__(self, url: str, run_id: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, run_id: str, timeout: float = 60.0, since: int | None = 0) -> None:
         super().__init__(daemon=True)
         self.parts = urlsplit(url)
         self.run_id = run_id
+        self.query = "" if since is None else f"?since={since}"
+        self.summaries = 0  # `run` events received
         self.deadline = time.monotonic() + timeout
         self.epochs: list[int] = []
         self.arrivals: dict[int, float] = {}
@@ -123,7 +125,7 @@ class SseReader(threading.Thread):
     def _follow(self) -> None:
         conn = http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=20)
         headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
-        conn.request("GET", f"/api/runs/{self.run_id}/stream?since=0", headers=headers)
+        conn.request("GET", f"/api/runs/{self.run_id}/stream{self.query}", headers=headers)
         r = conn.getresponse()
         assert r.status == 200, r.status
         self.connected.set()
@@ -152,5 +154,7 @@ class SseReader(threading.Thread):
             self.epochs += got
             for e in got:
                 self.arrivals.setdefault(e, now)
+        elif event.get("event") == "run":
+            self.summaries += 1
         elif event.get("event") == "end":
             self.ended = json.loads(event["data"])

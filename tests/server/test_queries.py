@@ -9,7 +9,7 @@ import uuid
 import pytest
 from sqlalchemy.orm import Session
 
-from server import metrics, queries, schemas
+from server import metrics_packed, metrics_select, queries, schemas
 from server.errors import RunNotFound
 from tests.server.conftest import TestClient, epoch, ingest, make_run
 
@@ -83,23 +83,26 @@ def test_get_metrics_downsampled_reads_search_indexes_only(
 ) -> None:
     run_id = uuid.UUID(_long_run(client, 400))
     statements: list[tuple[str, tuple[object, ...]]] = []
-    real_fetch = metrics._fetch
+    real_fetch = metrics_select.fetch
 
-    def recording_fetch(conn, sql, params):  # type: ignore[no-untyped-def]
+    def recording_fetch(conn, sql, params, binary=False):  # type: ignore[no-untyped-def]
         statements.append((sql, tuple(params)))
-        return real_fetch(conn, sql, params)
+        return real_fetch(conn, sql, params, binary)
 
-    monkeypatch.setattr(metrics, "_fetch", recording_fetch)
+    monkeypatch.setattr(metrics_select, "fetch", recording_fetch)
     m = queries.get_metrics(session, run_id, max_points=20)
+    assert metrics_packed.packed_body(session, run_id, max_points=20) is not None
     monkeypatch.undo()
     assert m.downsampled and statements
+    assert any("packed" in sql and " IN (" in sql for sql, _ in statements)
     conn = session.connection()
     sqlite = conn.dialect.name == "sqlite"
     if not sqlite:  # with statistics, and seq scans priced out: what the indexes allow
         conn.exec_driver_sql("ANALYZE")
         conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
     for sql, params in statements:
-        plan = metrics._fetch(conn, ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + sql, params)
+        explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
+        plan = metrics_select.fetch(conn, explain + sql, params)
         lines = [str(row[-1] if sqlite else row[0]) for row in plan]
         assert not [x for x in lines if "Seq Scan" in x or x.startswith("SCAN epoch")], lines
         if " IN (" in sql:  # the kept epochs' rows: looked up by (run_id, epoch), not the run's

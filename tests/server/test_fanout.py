@@ -1,0 +1,47 @@
+"""Live views sharing their process's feed (server.livefeed): a viewer that joins a watched run
+starts from the feed, and every viewer gets every later epoch once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tests.server.multiprocess_support import SseReader, ok
+from tests.support import ServerProcess
+
+
+def until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def record(e: int) -> dict:
+    return {"epoch": e, "tasks": {"rul": {"grad_norm": 1.0 + e}, "health": {"grad_norm": 1.0}}}
+
+
+def test_a_viewer_joining_a_watched_run_gets_every_later_epoch_once(database_url: str) -> None:
+    with ServerProcess(database_url) as server:
+        run = ok(server.url, "POST", "/api/runs", {"name": "r", "tasks": ["rul", "health"]})
+        run_id = run["id"]
+        path = f"/api/runs/{run_id}/epochs"
+        first = SseReader(server.url, run_id)
+        first.start()
+        until(lambda: first.summaries > 0)
+        for e in range(0, 6, 2):
+            ok(server.url, "POST", path, {"epochs": [record(e), record(e + 1)]})
+        until(lambda: first.epochs == list(range(6)))
+        late = SseReader(server.url, run_id, since=None)  # only what arrives from now on
+        again = SseReader(server.url, run_id)  # everything, through a read of its own
+        late.start()
+        again.start()
+        until(lambda: late.summaries > 0 and again.summaries > 0)
+        for e in range(6, 12):
+            ok(server.url, "POST", path, {"epochs": [record(e)]})
+        ok(server.url, "PATCH", f"/api/runs/{run_id}", {"status": "finished"})
+        for reader in (first, late, again):
+            reader.join(30)
+            assert reader.ended == {"status": "finished"}
+    assert first.epochs == again.epochs == list(range(12))  # every epoch, once, in order
+    assert late.epochs == list(range(6, 12))
