@@ -1,4 +1,6 @@
-"""epoch.packed: each epoch's numbers as the compact metrics body holds them (server.metrics_packed).
+"""epoch.packed: each epoch's numbers as the compact metrics body holds them.
+
+See server.metrics_packed.
 
 NULL for the epochs stored before this revision: their reads build the body from the rows.
 
