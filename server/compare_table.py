@@ -52,7 +52,7 @@ def _flagged(session: Session, run: RunRead) -> tuple[float | None, int]:
     ratios = session.scalars(
         sa.select(e.grad_norm_ratio).where(e.run_id == run.id, e.grad_norm_ratio.is_not(None))
     ).all()
-    measured = [r for r in ratios if not math.isnan(r)]
+    measured = [r for r in ratios if r is not None and not math.isnan(r)]
     above = sum(r > run.ratio_threshold for r in measured)
     episodes = session.scalar(
         sa.select(sa.func.count()).where(a.run_id == run.id, a.kind == "imbalance")

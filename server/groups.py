@@ -62,7 +62,9 @@ def columns(
     """GroupSeries-shaped dicts (floats may be NaN/Inf) from (epoch, groups_json) rows,
     aligned with `epochs`; groups in first-seen order, None where a group was not measured."""
     pos = {ep: i for i, ep in enumerate(epochs)}
-    n, found, cols = len(epochs), {}, {}
+    n = len(epochs)
+    found: dict[str, Any] = {}
+    cols: dict[str, Any] = {}
     for epoch, text in rows:
         p = pos.get(epoch)
         if p is None or not text:

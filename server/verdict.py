@@ -123,7 +123,7 @@ def compute(
     above = [ep for ep, r in measured if r > threshold]
     cosines = [c for _, _, c in rows if c is not None and not math.isnan(c)]
     negative = sum(c < 0 for c in cosines)
-    n = {
+    n: dict[str, Any] = {
         "epochs": len(rows),
         "fraction_above": len(above) / len(measured) if measured else None,
         "first_above_epoch": above[0] if above else None,
