@@ -329,61 +329,6 @@ def measure(
         summarise(series, "cpu", delivered)
 
 
-def _spread(values: list[float]) -> str:
-    us = sorted(v * 1e6 for v in values)
-    p10, p90 = us[len(us) // 10], us[(len(us) * 9) // 10]
-    return f"{statistics.median(us):8.1f} us  (p10-p90 {p10:.1f}-{p90:.1f})"
-
-
-def _timed(obj: object, name: str, into: list[float]) -> None:
-    """Wrap the method `name` of `obj` so that each call's duration goes into `into`."""
-    method = getattr(obj, name)
-
-    def wrapper(*args: object, **kwargs: object) -> object:
-        start = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            into.append(time.perf_counter() - start)
-
-    setattr(obj, name, wrapper)
-
-
-def end_epoch_cost(epochs: int, device: str, folder: Path) -> None:
-    """--end-epoch: what end_epoch() costs the training thread, and its parts."""
-    net = Net((32,), device)
-    print(f"end_epoch() on DualTaskMLP, {epochs} epochs of {BLOCK} steps, {device}")
-    for sink in ("file", "spool"):
-        for sample_every in (50, 1):
-            target: dict = (
-                {"local_path": folder / f"end-{sample_every}.jsonl"}
-                if sink == "file"
-                else {"server_url": "http://127.0.0.1:9", "spool_dir": folder / "spool"}
-            )
-            mode = Mode("plain", net, folder, "end")
-            mode.monitor = GradMonitor(
-                net.model.shared, TASKS, sample_every=sample_every, heartbeat_interval=None,
-                **target,
-            )  # fmt: skip
-            total: list[float] = []
-            convert: list[float] = []
-            write: list[float] = []
-            _timed(mode.monitor._worker.sink, "write_ahead", write)  # type: ignore[union-attr]
-            _timed(mode.monitor, "_record", convert)
-            for _ in range(epochs):
-                for _ in range(BLOCK):
-                    mode.step()
-                start = time.perf_counter()
-                mode.monitor.end_epoch()
-                total.append(time.perf_counter() - start)
-            mode.monitor.close(timeout=0.0)
-            rest = [t - c - w for t, c, w in zip(total, convert, write, strict=True)]
-            print(f"  {sink:5s} sample_every={sample_every:2d}  end_epoch {_spread(total)}")
-            print(f"  {'':5s} {'':14s}  convert   {_spread(convert)}")
-            print(f"  {'':5s} {'':14s}  write     {_spread(write)}")
-            print(f"  {'':5s} {'':14s}  rest      {_spread(rest)}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cycles (a smoke run)")
@@ -399,6 +344,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.end_epoch:
+            from hook_steps import end_epoch_cost
+
             end_epoch_cost(args.end_epoch, args.device, folder)
             return
         if args.model in ("all", "small"):

@@ -1,4 +1,5 @@
-"""GradMonitor's cost on a model too slow for whole epochs per turn: a transformer encoder.
+"""GradMonitor's cost call by call: on a transformer encoder (too slow for whole epochs per
+turn), and of ``end_epoch()`` itself (`hook_overhead.py --end-epoch N`, see its docstring).
 
 `hook_overhead.py --model transformer` (or this file alone). The model: 17 features per token
 -> 512 wide, six ``nn.TransformerEncoderLayer`` (8 heads, feed-forward 2048, no dropout),
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hook_overhead import BLOCK, SEQUENCE, TASKS, Net, naive_norms
+from hook_overhead import BLOCK, SEQUENCE, TASKS, Mode, Net, naive_norms
 
 from client_hook import GradMonitor
 
@@ -151,6 +152,61 @@ def transformer_cost(cycles: int, device: str, folder: Path) -> None:
     print(f"    every step is              {_ratio(ratios['cheaper'])}  cheaper than naive")
     every.monitor.close(timeout=5)
     default.monitor.close(timeout=5)
+
+
+def _spread_us(values: list[float]) -> str:
+    us = sorted(v * 1e6 for v in values)
+    p10, p90 = us[len(us) // 10], us[(len(us) * 9) // 10]
+    return f"{statistics.median(us):8.1f} us  (p10-p90 {p10:.1f}-{p90:.1f})"
+
+
+def _timed(obj: object, name: str, into: list[float]) -> None:
+    """Wrap the method `name` of `obj` so that each call's duration goes into `into`."""
+    method = getattr(obj, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - start)
+
+    setattr(obj, name, wrapper)
+
+
+def end_epoch_cost(epochs: int, device: str, folder: Path) -> None:
+    """--end-epoch: what end_epoch() costs the training thread, and its parts."""
+    net = Net((32,), device)
+    print(f"end_epoch() on DualTaskMLP, {epochs} epochs of {BLOCK} steps, {device}")
+    for sink in ("file", "spool"):
+        for sample_every in (50, 1):
+            target: dict = (
+                {"local_path": folder / f"end-{sample_every}.jsonl"}
+                if sink == "file"
+                else {"server_url": "http://127.0.0.1:9", "spool_dir": folder / "spool"}
+            )
+            mode = Mode("plain", net, folder, "end")
+            mode.monitor = GradMonitor(
+                net.model.shared, TASKS, sample_every=sample_every, heartbeat_interval=None,
+                **target,
+            )  # fmt: skip
+            total: list[float] = []
+            convert: list[float] = []
+            write: list[float] = []
+            _timed(mode.monitor._worker.sink, "write_ahead", write)  # type: ignore[union-attr]
+            _timed(mode.monitor, "_record", convert)
+            for _ in range(epochs):
+                for _ in range(BLOCK):
+                    mode.step()
+                start = time.perf_counter()
+                mode.monitor.end_epoch()
+                total.append(time.perf_counter() - start)
+            mode.monitor.close(timeout=0.0)
+            rest = [t - c - w for t, c, w in zip(total, convert, write, strict=True)]
+            print(f"  {sink:5s} sample_every={sample_every:2d}  end_epoch {_spread_us(total)}")
+            print(f"  {'':5s} {'':14s}  convert   {_spread_us(convert)}")
+            print(f"  {'':5s} {'':14s}  write     {_spread_us(write)}")
+            print(f"  {'':5s} {'':14s}  rest      {_spread_us(rest)}")
 
 
 def _spread(values: list[float]) -> str:
