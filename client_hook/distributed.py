@@ -8,9 +8,9 @@ ranks' per-task gradients. On a sampled optimizer step `global_mean` averages th
 the step's losses, with ONE all-reduce of ``T * N + T`` numbers (N = monitored elements,
 float32 unless the parameters are wider) before the Gram matrices are taken, so every rank
 holds the global numbers; only rank 0 sends them. A one-number all-reduce before it tells
-whether every rank measured the step (if not, all drop it). No collective runs on a step that is not
-sampled, and every rank samples the same steps: the decision is a pure function of the step
-counters, which DDP keeps equal across ranks (every rank runs every step).
+whether every rank measured the step (if not, all drop it). No collective runs on a step that
+is not sampled, and every rank samples the same steps: the decision is a pure function of the
+step counters, which DDP keeps equal across ranks (every rank runs every step).
 
 FSDP2 (``fully_shard``) is measured the same way: autograd reaches the unsharded parameters
 (`client_hook.engine.ParamGroups`), whose gradients are each rank's local ones, full size.
@@ -54,7 +54,9 @@ def global_mean(tensors: list[Tensor] | None, device: torch.device) -> bool:
     (`tensors` given), average them in place (`all_reduce_mean`) and return True; if any rank
     could not (None: its measurement failed), return False on every rank. A one-number
     all-reduce decides first, so the ranks always enter the same collectives: a measurement
-    that fails on one rank only never leaves the others waiting in the big one."""
+    that fails on one rank only never leaves the others waiting in the big one. Reading its
+    result is a host read: on CUDA the step's queued work is waited for, once per sampled
+    step and only under data parallelism."""
     ok = torch.full((1,), 0.0 if tensors is None else 1.0, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if tensors is None or not ok.item():

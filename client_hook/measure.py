@@ -136,9 +136,8 @@ class StepMeasurer:
         self._sum = [_add(a, b) for a, b in zip(self._sum, blocks, strict=True)]
 
     def discard(self) -> None:
-        batch, self.pending = self.pending, None
-        if batch is not None and batch.reader is not None:
-            batch.reader.close()
+        """Drop the pending micro-batch and the step so far; the next step starts afresh."""
+        self.fail()
         self._reset_step()
 
     def fail(self) -> None:
@@ -166,16 +165,16 @@ class StepMeasurer:
         broken = self._broken or not count
         self._reset_step()
         mine = None if broken or total is None or losses is None else (total, losses)
+        where = [self._order.index(task) for task in range(self.num)]  # row of each task
         if self.reduce is not None:  # every rank, whether it measured or not
             device = self.params[0].device if self.params else torch.device("cpu")
-            if not self.reduce(mine and [*self._task_rows(mine[0]), mine[1]], device):
+            if not self.reduce(mine and [*_task_rows(mine[0], where), mine[1]], device):
                 return None
         if mine is None:
             return None
         total, losses = mine
         like = next(blocks[0] for blocks in total if blocks is not None)
         grams = self._grams(total, _wide(like.dtype))
-        where = [self._order.index(task) for task in range(self.num)]  # row of each task
         if where != sorted(where):
             grams = grams[:, where][:, :, where]
         if count > 1:
@@ -189,17 +188,6 @@ class StepMeasurer:
         if "balancer_loss" in host:
             parts["balancer_loss"] = _vector([host.pop("balancer_loss")], like.device)
         return StepSample.pack(parts)
-
-    def _task_rows(self, total: list[Blocks]) -> list[Tensor]:
-        """Per parameter, each task's row (a view) in task order: the layout every rank shares
-        whichever task its backward gave it (the ranks' batches differ, and so may their
-        choice of `derived`), for averaging across ranks in place."""
-        rows: list[Tensor] = []
-        for blocks in total:
-            if blocks is not None:
-                mine = [row for block in blocks for row in block]  # in `_order`
-                rows += [mine[self._order.index(task)] for task in range(self.num)]
-        return rows
 
     def _grams(self, total: list[Blocks], dtype: torch.dtype) -> Tensor:
         """Per group the Gram of the step's task gradients (rows in `_order`): per pair of row
@@ -284,6 +272,18 @@ class StepMeasurer:
             f"gradwatch: {reason}; measuring every task with its own backward from now on "
             "(same numbers, more time per sampled step)",
         )
+
+
+def _task_rows(total: list[Blocks], where: list[int]) -> list[Tensor]:
+    """Per parameter, each task's row (a view; `where`: the row of each task) in task order:
+    the layout every rank shares whichever task its backward gave it (the ranks' batches
+    differ, and so may their choice of `derived`), for averaging across ranks in place."""
+    rows: list[Tensor] = []
+    for blocks in total:
+        if blocks is not None:
+            mine = [row for block in blocks for row in block]
+            rows += [mine[w] for w in where]
+    return rows
 
 
 def per_task_report(
