@@ -9,6 +9,7 @@ PostgreSQL: psycopg 3 (`postgresql+psycopg://`).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -119,6 +120,7 @@ def run_migrations(url: str) -> None:
         engine.dispose()
 
 
+@functools.cache
 def database_kind(url: str) -> str:
     return make_url(normalise_url(url)).get_backend_name()
 
