@@ -165,15 +165,20 @@ class Viewer:
 
 
 def warm_up(port: int, runs: list[str], viewers: int) -> None:
-    """A first small crowd (`viewers` streams for ~2 s, then gone), so that "idle" is a
-    server that has served pages before, as a real one has (threads, lazily built state)."""
+    """A first small crowd (`viewers` streams for ~3 s, then gone) that sees two epochs of
+    every run arrive, so that "idle" is a server that has served live pages before, as a real
+    one has (threads, lazily built state, the caches of every query on the way)."""
     socks = []
     for i in range(viewers):
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(f"GET /api/runs/{runs[i % len(runs)]}/stream HTTP/1.1\r\n"
                      "Host: 127.0.0.1\r\n\r\n".encode())  # fmt: skip
         socks.append(sock)
-    time.sleep(2.0)
+    time.sleep(1.0)
+    for e in (1, 2):  # after epoch 0, before the load's 3, 4, ...
+        for run_id in runs:
+            post(port, "POST", f"/api/runs/{run_id}/epochs", {"epochs": [record(e)]})
+        time.sleep(1.0)
     for sock in socks:
         sock.close()
 
@@ -201,8 +206,10 @@ def crowd_process(port: int, run_ids: list[str], conn: Any) -> None:
 
 
 async def ingest_loop(port: int, run_id: str, start: int, interval: float, until: float,
-                      sent: dict[tuple[str, int], float]) -> None:  # fmt: skip
-    """One epoch every `interval` seconds into `run_id` (a blocking POST in a thread)."""
+                      sent: dict[tuple[str, int], float], delay: float) -> None:  # fmt: skip
+    """One epoch every `interval` seconds into `run_id` (a blocking POST in a thread), the
+    first after `delay` seconds."""
+    await asyncio.sleep(delay)
     e = start
     while time.monotonic() < until:
         sent[(run_id, e)] = time.monotonic()
@@ -242,7 +249,9 @@ async def case(url: str, port: int, pid: int, viewers: int, args: argparse.Names
     until = time.monotonic() + args.seconds
     tx0, t0, cpu0 = transactions(url), time.monotonic(), cpu_seconds(pid)
     crowd0 = sum(cpu_seconds(p.pid) for p in procs)
-    loops = [ingest_loop(port, r, 1, args.interval, until, sent) for r in runs]
+    gap = 0.0 if args.lockstep else args.interval / len(runs)  # out of phase, as real runs are
+    loops = [ingest_loop(port, r, 3, args.interval, until, sent, i * gap)
+             for i, r in enumerate(runs)]  # fmt: skip
     peak = [0.0]
 
     async def sample_rss() -> None:
@@ -329,6 +338,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10, help="live runs (10)")
     parser.add_argument("--interval", type=float, default=1.0, help="s between epochs of a run")
     parser.add_argument("--seconds", type=float, default=15.0, help="load phase length (15)")
+    parser.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="every run posts at the same instant (worst case; default: spread)",
+    )
     parser.add_argument("--idle-seconds", type=float, default=4.0)
     parser.add_argument("--settle-seconds", type=float, default=3.0)
     parser.add_argument("--viewer-processes", type=int, default=2, help="client processes (2)")
