@@ -105,11 +105,13 @@ def test_nash_mtl_solves_the_bargaining_equation(tasks: int, seed: int):
 def test_nash_mtl_matches_torchjd_where_its_solver_converged(tasks: int, seed: int, conflict: bool):
     # torchjd runs convex-concave steps until ||G a - 1/a|| < 1e-3 or it stalls; on many cases it
     # stalls far from the solution (residuals of 1e3 seen), so its residual is checked first. On
-    # these cases it converges, and both must then be the same alpha, to 1e-3 relative.
+    # these cases it converges, and both must then be the same alpha, to 1e-3 relative. Its
+    # stopping rule is not this max residual, and where it stops depends on the ECOS release
+    # (1.8e-3 on the first case with ECOS 2.0.14, < 1e-3 with earlier ones): 5e-3 is "converged".
     rows = jacobian(tasks, seed, conflict)
     gram = rows @ rows.T
     reference = _NashMTLWeighting(tasks, 0.0, 1, 100)(rows)
-    assert (gram @ reference * reference - 1).abs().max() < 1e-3
+    assert (gram @ reference * reference - 1).abs().max() < 5e-3
     close(nash_mtl_weights(gram), reference, 1e-3)
 
 
