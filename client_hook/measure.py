@@ -174,9 +174,7 @@ class StepMeasurer:
             return None
         total, losses = mine
         like = next(blocks[0] for blocks in total if blocks is not None)
-        grams = self._grams(total, _wide(like.dtype))
-        if where != sorted(where):
-            grams = grams[:, where][:, :, where]
+        grams = self._grams(total, _wide(like.dtype))  # rows in `_order`: `where` on the host
         if count > 1:
             grams, losses = grams / (count * count), losses / count
         parts = {"grams": grams, "losses": losses}
@@ -187,7 +185,7 @@ class StepMeasurer:
                 parts[name] = _vector(host.pop(name), like.device)
         if "balancer_loss" in host:
             parts["balancer_loss"] = _vector([host.pop("balancer_loss")], like.device)
-        return StepSample.pack(parts)
+        return StepSample.pack(parts, tuple(where))
 
     def _grams(self, total: list[Blocks], dtype: torch.dtype) -> Tensor:
         """Per group the Gram of the step's task gradients (rows in `_order`): per pair of row
