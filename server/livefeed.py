@@ -38,17 +38,15 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, TypeVar
 
-import orjson
-import sqlalchemy as sa
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from server import models, queries, schemas
+from server import feed_reads
 from server.errors import RunNotFound
+from server.feed_reads import Update
 from server.notify import CHANNEL
 
 POLL_SECONDS = 1.0
@@ -57,6 +55,7 @@ TICK_SECONDS = 5.0
 HEARTBEAT_SECONDS = 15.0
 LOG_LENGTH = 64
 TRIM_DELAY_SECONDS = 1.0
+OPEN_WAIT_SECONDS = 5.0
 log = logging.getLogger("gradwatch.livefeed")
 T = TypeVar("T")
 
@@ -70,27 +69,6 @@ def _libc() -> Any:
 
 
 _LIBC = _libc()
-
-
-def sse(event: str, data: str, event_id: int | None = None) -> bytes:
-    """One event in the text/event-stream format (`data` is single-line JSON), as sent."""
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {data}\n\n".encode()
-
-
-@dataclass
-class Update:
-    """One change of a run as its streams send it."""
-
-    metrics: list[tuple[int, bytes]]  # (cursor, the `metrics` event), oldest first
-    summary: str  # {"run": RunRead, "alerts": [...]} JSON
-    status: str  # the run's status; "deleted" once it is gone
-    cursor: int
-    summary_event: bytes = b""  # the `run` event of `summary`, with `cursor` as its id
-
-    def __post_init__(self) -> None:
-        if self.summary and not self.summary_event:
-            self.summary_event = sse("run", self.summary, self.cursor)
 
 
 @dataclass
@@ -127,52 +105,6 @@ class RunFeed:
         return out if at == self.cursor else None
 
 
-def summary_json(run: schemas.RunRead, alerts: list[schemas.AlertRead]) -> str:
-    body = {
-        "run": run.model_dump(mode="json"),
-        "alerts": [a.model_dump(mode="json") for a in alerts],
-    }
-    return orjson.dumps(body).decode()
-
-
-def read_update(session: Session, run_id: uuid.UUID, cursor: int | None) -> Update:
-    """The run (first: if it reads finished, the metrics read after it hold every epoch), its
-    alerts and the epochs stored after `cursor` (none read when `cursor` is None)."""
-    try:
-        run = queries.get_run(session, run_id)
-    except RunNotFound:
-        return Update([], "", "deleted", cursor or 0)
-    summary = summary_json(run, queries.list_alerts(session, run_id=run_id))
-    if cursor is None:
-        e = models.Epoch
-        latest = session.scalar(sa.select(sa.func.max(e.id)).where(e.run_id == run_id)) or 0
-        return Update([], summary, run.status.value, latest)
-    metrics = queries.get_metrics(session, run_id, since=cursor)
-    text = metrics.model_dump_json()
-    events = [(metrics.cursor, sse("metrics", text, metrics.cursor))] if metrics.epochs else []
-    return Update(events, summary, run.status.value, metrics.cursor if events else cursor)
-
-
-def signatures(session: Session, run_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[Any, ...]]:
-    """One query: what changes when a run's epochs, summary or alerts change."""
-    r = models.Run
-    cols = (r.id, r.status, r.epoch_count, r.open_alert_count, r.flagged, r.updated_at)
-    lost = _lost(session)
-    return {
-        row[0]: tuple(row[1:])
-        for row in session.execute(sa.select(*cols, lost).where(r.id.in_(run_ids)))
-    }
-
-
-def _lost(session: Session) -> Any:
-    """1 for a running run not heard from for GRADWATCH_LOST_AFTER (no write marks it: the
-    polls notice it going lost, and back)."""
-    r = models.Run
-    cutoff = models.utcnow() - timedelta(seconds=queries.session_lost_after(session))
-    seen = sa.func.coalesce(r.last_seen_at, r.updated_at)
-    return sa.case((sa.and_(r.status == "running", seen < cutoff), 1), else_=0)
-
-
 class Hub:
     """The watcher of one server process (one event loop); see the module docstring."""
 
@@ -185,6 +117,7 @@ class Hub:
         self.list_changed = asyncio.Event()
         self._list_signature: tuple[Any, ...] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._checks: dict[uuid.UUID, asyncio.Future[bool]] = {}
         self._started = False
 
     async def read(self, fn: Callable[[Session], T]) -> T:
@@ -205,6 +138,29 @@ class Hub:
         feed.viewers += 1
         heapq.heappush(feed.deadlines, ends_at)
         return feed
+
+    async def check_exists(self, run_id: uuid.UUID) -> None:
+        """Raise RunNotFound unless the run exists: known from its feed when it is watched
+        here, else one read shared by every stream asking at the same time."""
+        await self.opened(run_id)
+        if self.knows(run_id):
+            return
+        pending = self._checks.get(run_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self.read(lambda s: feed_reads.exists(s, run_id)))
+            self._checks[run_id] = pending
+            pending.add_done_callback(lambda _: self._checks.pop(run_id, None))
+        if not await asyncio.shield(pending):
+            raise RunNotFound({"run_id": str(run_id)})
+
+    async def opened(self, run_id: uuid.UUID) -> None:
+        """Wait (at most `OPEN_WAIT_SECONDS`) for the first read of a feed that another stream
+        just opened. With `check_exists`: a crowd of viewers opening one run costs a read or
+        two, not two each (and no burst of worker threads that outlives it)."""
+        feed = self.feeds.get(run_id)
+        if feed is not None and feed.cursor is None and feed.refreshing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(feed.changed.wait(), OPEN_WAIT_SECONDS)
 
     def knows(self, run_id: uuid.UUID) -> bool:
         """Whether the run is watched here and was there at the last read of it."""
@@ -243,7 +199,9 @@ class Hub:
             while feed.dirty and feed.status != "deleted":
                 feed.dirty = False
                 try:
-                    update = await self.read(lambda s: read_update(s, feed.run_id, feed.cursor))
+                    update = await self.read(
+                        lambda s: feed_reads.read_update(s, feed.run_id, feed.cursor)
+                    )
                 except Exception:  # the database is away: the next notice or poll retries
                     log.exception("live feed read failed for run %s", feed.run_id)
                     feed.dirty = True
@@ -321,7 +279,7 @@ class Hub:
     async def _poll_once(self) -> None:
         ids = list(self.feeds)
         sigs, list_sig = await self.read(
-            lambda s: (signatures(s, ids) if ids else {}, list_signature(s))
+            lambda s: (feed_reads.signatures(s, ids) if ids else {}, feed_reads.list_signature(s))
         )
         for run_id in ids:
             feed = self.feeds.get(run_id)
@@ -360,13 +318,6 @@ class Hub:
         with contextlib.suppress(ValueError):
             self.mark_dirty(uuid.UUID(payload))
         self._bump_list()
-
-
-def list_signature(session: Session) -> tuple[Any, ...]:
-    """What changes when the runs list changes: a run added, updated, or going lost."""
-    r = models.Run
-    lost = sa.func.sum(_lost(session))
-    return tuple(session.execute(sa.select(sa.func.count(), sa.func.max(r.updated_at), lost)).one())
 
 
 def hub_of(app: Any) -> Hub:

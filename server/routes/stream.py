@@ -29,7 +29,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from server import livefeed, queries, schemas
+from server import feed_reads, livefeed, queries, schemas
 from server.errors import InvalidInput
 from server.routes.pages import RUNS_PER_PAGE, runs_filters
 from server.schemas import MAX_INT32, MAX_INT63
@@ -48,7 +48,7 @@ E = TypeVar("E", str, bytes)
 
 def sse(event: str, data: str, event_id: int | None = None) -> str:
     """One event in the text/event-stream format (`data` is single-line JSON)."""
-    return livefeed.sse(event, data, event_id).decode()
+    return feed_reads.sse(event, data, event_id).decode()
 
 
 async def in_session(request: Request, fn: Callable[[Session], T]) -> T:
@@ -92,6 +92,7 @@ async def run_events(
     started = written = time.monotonic()
     feed = hub.subscribe(run_id, ends_at=started + MAX_STREAM_SECONDS)
     try:
+        await hub.opened(run_id)
         seen = feed.version  # before our read: a change published meanwhile is acted on
         if cursor is None and feed.cursor is not None:
             cursor = feed.cursor
@@ -105,15 +106,15 @@ async def run_events(
                     cursor = at
                     out.append(event)
             if update.status == "deleted":  # deleted while watched
-                yield b"".join([*out, livefeed.sse("end", '{"deleted":true}')])
+                yield b"".join([*out, feed_reads.sse("end", '{"deleted":true}')])
                 return
             if update.summary != sent:
                 sent = update.summary
                 out.append(update.summary_event if update.cursor == cursor
-                           else livefeed.sse("run", sent, cursor))  # fmt: skip
+                           else feed_reads.sse("run", sent, cursor))  # fmt: skip
             if update.status != schemas.RunStatus.running.value:
                 end = orjson.dumps({"status": update.status}).decode()
-                yield b"".join([*out, livefeed.sse("end", end, cursor)])
+                yield b"".join([*out, feed_reads.sse("end", end, cursor)])
                 return
             if out:
                 yield out[0] if len(out) == 1 else b"".join(out)
@@ -133,13 +134,13 @@ async def run_events(
 
 
 async def _follow(hub: livefeed.Hub, feed: livefeed.RunFeed, run_id: uuid.UUID,
-                  cursor: int | None) -> livefeed.Update:  # fmt: skip
+                  cursor: int | None) -> feed_reads.Update:  # fmt: skip
     """The feed's news after `cursor`: from its shared log, or (when the log cannot say, or
     the run ended and we must be sure to hold every epoch) one read of our own."""
     chain = None if cursor is None else feed.chain(cursor)
     if chain is not None and feed.status == "running" and feed.cursor is not None:
-        return livefeed.Update(chain, feed.summary, feed.status, feed.cursor, feed.summary_event)
-    return await hub.read(lambda s: livefeed.read_update(s, run_id, cursor))
+        return feed_reads.Update(chain, feed.summary, feed.status, feed.cursor, feed.summary_event)
+    return await hub.read(lambda s: feed_reads.read_update(s, run_id, cursor))
 
 
 @router.get("/api/runs/{run_id}/stream")
@@ -151,8 +152,7 @@ async def run_stream(
 ) -> StreamingResponse:
     """Live epochs of one run (see module docstring). 404 for an unknown run."""
     cursor = parse_cursor(since, last_event_id)
-    if not livefeed.hub_of(request.app).knows(run_id):  # else it is being watched already
-        await in_session(request, lambda s: queries.get_run(s, run_id))  # raises RunNotFound
+    await livefeed.hub_of(request.app).check_exists(run_id)  # raises RunNotFound
     events = until_outage(request, run_events(request, run_id, cursor))
     return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
 

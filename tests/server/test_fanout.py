@@ -3,9 +3,17 @@ starts from the feed, and every viewer gets every later epoch once."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
 
+from fastapi.testclient import TestClient
+
+from server import livefeed
+from server.errors import RunNotFound
+from tests.server.conftest import make_run
 from tests.server.multiprocess_support import SseReader, ok
 from tests.support import ServerProcess
 
@@ -45,3 +53,32 @@ def test_a_viewer_joining_a_watched_run_gets_every_later_epoch_once(database_url
             assert reader.ended == {"status": "finished"}
     assert first.epochs == again.epochs == list(range(12))  # every epoch, once, in order
     assert late.epochs == list(range(6, 12))
+
+
+def test_a_crowd_opening_one_run_shares_one_existence_read(client: TestClient) -> None:
+    """Streams asking at the same time whether a run exists wait for one read between them
+    (a thousand viewers opening a run page must not start a thousand reads and as many worker
+    threads); an unknown run is still refused by each."""
+    run_id = uuid.UUID(make_run(client)["id"])
+    hub = livefeed.Hub(client.app.state.session_factory, client.app.state.settings.database_url)
+    reads = 0
+    read = hub.read
+
+    async def counted(fn: Callable[[Any], Any]) -> Any:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.05)  # the crowd arrives while the read is out
+        return await read(fn)
+
+    hub.read = counted  # type: ignore[method-assign]
+
+    async def crowd() -> list[Any]:
+        await asyncio.gather(*(hub.check_exists(run_id) for _ in range(50)))
+        unknown = uuid.uuid4()
+        return await asyncio.gather(
+            *(hub.check_exists(unknown) for _ in range(5)), return_exceptions=True
+        )
+
+    refused = asyncio.run(crowd())
+    assert reads == 2
+    assert len(refused) == 5 and all(isinstance(e, RunNotFound) for e in refused)

@@ -77,7 +77,7 @@ def test_late_epoch_brings_a_lost_run_back(fast_client: TestClient) -> None:
 
 def test_runs_stream_notices_a_run_going_lost(fast_client: TestClient, migrated_url: str) -> None:
     from server.db import make_session_factory
-    from server.livefeed import list_signature
+    from server.feed_reads import list_signature
 
     make_run(fast_client)
     engine = create_db_engine(migrated_url)
