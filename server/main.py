@@ -20,7 +20,7 @@ from server.security import BodyLimitMiddleware, SecurityHeadersMiddleware
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: GRADWATCH_* variables). Migrations are not run here:
     `gradwatch serve` (and the tests) run `server.db.run_migrations` first."""
-    from server.routes import api, api_docs, login, pages, run_page, scalars, stream
+    from server.routes import api, api_docs, epochs, login, pages, run_page, scalars, stream
 
     settings = settings or get_settings()
     engine = create_db_engine(settings.database_url)
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     outage.install(app, engine, settings.db_retry_after)
     app.include_router(api.router)
+    app.include_router(epochs.router)
     app.include_router(scalars.router)
     app.include_router(pages.router)
     app.include_router(run_page.router)

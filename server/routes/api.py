@@ -15,8 +15,6 @@ from typing import Annotated, Any
 import orjson
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server import groups, ingest, metrics_packed, metrics_wire, models, queries, schemas, verdict
@@ -187,50 +185,6 @@ def delete_run(run: RunDep, session: SessionDep) -> Response:
 
 
 # ---------------------------------------------------------------- epochs and metrics
-
-
-async def epoch_batch(request: Request) -> schemas.EpochBatch:
-    """The body, parsed and validated by pydantic's JSON parser straight from the bytes (about
-    twice as fast as json.loads + validation). A dependency, so that it runs before the run
-    lookup takes the write lock."""
-    try:
-        return schemas.EpochBatch.model_validate_json(await request.body())
-    except ValidationError as exc:
-        errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
-        raise RequestValidationError(errors) from None
-
-
-EPOCH_BATCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EpochBatch"}}},
-    }
-}
-
-
-@writes.post(
-    "/api/runs/{run_id}/epochs",
-    response_model=schemas.IngestResult,
-    tags=["epochs"],
-    openapi_extra=EPOCH_BATCH_BODY,
-    responses={
-        **RUN,
-        409: _err(
-            "An epoch is already stored with different values; nothing of the batch was stored"
-        ),
-    },
-)
-def ingest_epochs(
-    batch: Annotated[schemas.EpochBatch, Depends(epoch_batch)], run: RunDep, session: SessionDep
-) -> Any:
-    """Store a batch of epochs (body: `EpochBatch`) in one transaction, all or nothing.
-
-    Idempotent: epochs already stored with identical values are skipped and counted as
-    `duplicates`. An epoch already stored with different values is a conflict: 409, and
-    nothing of the batch is stored (acknowledged data is never overwritten).
-    """
-    result = ingest.ingest_batch(session, run, batch)
-    return Response(result.model_dump_json().encode(), media_type="application/json")
 
 
 def _json_columns(d: queries.MetricsData) -> bytes:
