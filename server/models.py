@@ -180,9 +180,8 @@ class TaskEpoch(Base):
     )
 
     run_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
-    task_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("run_task.id", ondelete="CASCADE"), primary_key=True
-    )
+    # a run_task id, not a foreign key (migration 0008: the check cost every inserted row)
+    task_id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     grad_norm: Mapped[float | None] = mapped_column(FloatNaN)
     weighted_grad_norm: Mapped[float | None] = mapped_column(FloatNaN)
@@ -219,12 +218,8 @@ class PairCosine(Base):
     )
 
     run_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
-    task_a_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("run_task.id", ondelete="CASCADE"), primary_key=True
-    )
-    task_b_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("run_task.id", ondelete="CASCADE"), primary_key=True
-    )
+    task_a_id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)  # run_task ids, as
+    task_b_id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)  # on task_epoch
     epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     value: Mapped[float | None] = mapped_column(FloatNaN)
 
