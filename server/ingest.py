@@ -170,7 +170,11 @@ def heartbeat(session: Session, run: models.Run) -> None:
 
 
 def delete_run(session: Session, run: models.Run) -> None:
+    """The run and everything of it: its task and cosine rows here (they have no foreign
+    key, migration 0008), the rest by ON DELETE CASCADE."""
     notify.run_changed(session, run.id)
+    for table in (models.TaskEpoch, models.PairCosine):
+        session.execute(sa.delete(table).where(table.run_id == run.id))
     session.delete(run)
     session.commit()
 

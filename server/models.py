@@ -169,19 +169,17 @@ class Epoch(Base):
 class TaskEpoch(Base):
     """One task's numbers for one epoch (field names follow `schemas.TaskEpoch`)."""
 
+    # No foreign keys (migration 0008: their check cost every inserted row); deleting a run
+    # deletes its task and cosine rows first (server.ingest.delete_run).
     __tablename__ = "task_epoch"
     __table_args__ = (
-        sa.ForeignKeyConstraint(
-            ["run_id", "epoch"], ["epoch.run_id", "epoch.epoch"], ondelete="CASCADE"
-        ),
         # All tasks of the epochs a downsampled read keeps, in one pass (the primary key
         # leads with task_id).
         sa.Index(None, "run_id", "epoch"),
     )
 
     run_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
-    # a run_task id, not a foreign key (migration 0008: the check cost every inserted row)
-    task_id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)  # a run_task id
     epoch: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     grad_norm: Mapped[float | None] = mapped_column(FloatNaN)
     weighted_grad_norm: Mapped[float | None] = mapped_column(FloatNaN)
@@ -209,11 +207,8 @@ EPOCH_FIELDS: tuple[str, ...] = (
 class PairCosine(Base):
     """Cosine similarity of two tasks' gradients; task_a is the one listed first in the run."""
 
-    __tablename__ = "pair_cosine"
+    __tablename__ = "pair_cosine"  # no foreign keys either (see TaskEpoch)
     __table_args__ = (
-        sa.ForeignKeyConstraint(
-            ["run_id", "epoch"], ["epoch.run_id", "epoch.epoch"], ondelete="CASCADE"
-        ),
         sa.Index(None, "run_id", "epoch"),  # as on task_epoch
     )
 

@@ -1,13 +1,14 @@
-"""Drop the run_task foreign keys of task_epoch and pair_cosine.
+"""Drop the foreign keys of task_epoch and pair_cosine (to run_task and to epoch).
 
-Every inserted row paid a referential check per task it names (one per task row, two per
-cosine row: 2,000 lookups a 500-epoch, 2-task batch); they were a third of PostgreSQL's CPU
-time in bulk ingest (bench/ingest.py workload A: 154,000 -> 178,000 values/s without them).
-Ingest takes the task ids from the run's own run_task rows, in the transaction that holds the
-run's row lock, and run_task rows are only ever deleted with their run; the rows still go with
-their epoch when a run is deleted (their (run_id, epoch) foreign key, ON DELETE CASCADE, stays).
+Every inserted row paid a referential check, with a row lock, per key: one to its epoch and
+one per task it names (3,500 checks for a 500-epoch, 2-task batch with one cosine pair). They
+were about half of PostgreSQL's CPU time in bulk ingest (bench/ingest.py workload A, 500
+epochs a request: PostgreSQL CPU 32 -> 16 ms a request). Ingest writes these rows in the
+transaction that writes their epoch, with the task ids read from the run's own run_task rows
+under the run's row lock; epochs and run_task rows are only ever deleted with their run, and
+deleting a run now deletes its task and cosine rows first (server.ingest.delete_run).
 
-SQLite cannot drop a constraint: the two child tables are rebuilt ("move and copy"). Nothing
+SQLite cannot drop a constraint: the two tables are rebuilt ("move and copy"). Nothing
 references them, so dropping the old tables cascades nowhere (unlike `run`, see 0004).
 
 Revision ID: 0008
@@ -26,17 +27,21 @@ down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-KEYS = (
-    ("task_epoch", "fk_task_epoch_task_id_run_task", "task_id"),
-    ("pair_cosine", "fk_pair_cosine_task_a_id_run_task", "task_a_id"),
-    ("pair_cosine", "fk_pair_cosine_task_b_id_run_task", "task_b_id"),
-)
+KEYS = (  # (table, name, columns, referred table, referred columns)
+    ("task_epoch", "fk_task_epoch_run_id_epoch_epoch", ["run_id", "epoch"], "epoch",
+     ["run_id", "epoch"]),
+    ("task_epoch", "fk_task_epoch_task_id_run_task", ["task_id"], "run_task", ["id"]),
+    ("pair_cosine", "fk_pair_cosine_run_id_epoch_epoch", ["run_id", "epoch"], "epoch",
+     ["run_id", "epoch"]),
+    ("pair_cosine", "fk_pair_cosine_task_a_id_run_task", ["task_a_id"], "run_task", ["id"]),
+    ("pair_cosine", "fk_pair_cosine_task_b_id_run_task", ["task_b_id"], "run_task", ["id"]),
+)  # fmt: skip
 
 
 def upgrade() -> None:
     for table in ("task_epoch", "pair_cosine"):
         with op.batch_alter_table(table) as batch:
-            for owner, name, _ in KEYS:
+            for owner, name, *_ in KEYS:
                 if owner == table:
                     batch.drop_constraint(name, type_="foreignkey")
 
@@ -44,6 +49,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     for table in ("task_epoch", "pair_cosine"):
         with op.batch_alter_table(table) as batch:
-            for owner, name, column in KEYS:
+            for owner, name, columns, referred, to in KEYS:
                 if owner == table:
-                    batch.create_foreign_key(name, "run_task", [column], ["id"], ondelete="CASCADE")
+                    batch.create_foreign_key(name, referred, columns, to, ondelete="CASCADE")

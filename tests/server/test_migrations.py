@@ -38,7 +38,7 @@ def test_migrations_run_twice_is_a_no_op(migrated_url: str) -> None:
     assert len(versions) == 1
 
 
-def test_0008_drops_the_task_foreign_keys_and_keeps_every_row(
+def test_0008_drops_the_task_row_foreign_keys_and_keeps_every_row(
     client: TestClient, migrated_url: str
 ) -> None:
     from alembic import command
@@ -65,20 +65,22 @@ def test_0008_drops_the_task_foreign_keys_and_keeps_every_row(
             }
         return tasks, pairs, to
 
-    epochs = {"task_epoch.run_id,epoch->epoch", "pair_cosine.run_id,epoch->epoch"}
-    to_tasks = {"task_epoch.task_id->run_task", "pair_cosine.task_a_id->run_task",
-                "pair_cosine.task_b_id->run_task"}  # fmt: skip
+    keys = {"task_epoch.run_id,epoch->epoch", "pair_cosine.run_id,epoch->epoch",
+            "task_epoch.task_id->run_task", "pair_cosine.task_a_id->run_task",
+            "pair_cosine.task_b_id->run_task"}  # fmt: skip
     try:
-        assert state() == (4, 2, epochs)
+        assert state() == (4, 2, set())
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.downgrade(cfg, "0007")
-        assert state() == (4, 2, epochs | to_tasks)
+        assert state() == (4, 2, keys)
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-        assert state() == (4, 2, epochs)
+        assert state() == (4, 2, set())
+        other = make_run(client)["id"]
+        assert ingest(client, other, [epoch(0, **cosine)]).status_code == 200
         assert client.delete(f"/api/runs/{run}").status_code == 204
-        assert state() == (0, 0, epochs)  # the rows still go with their epochs
+        assert state() == (2, 1, set())  # the deleted run's rows went, the other run's stayed
     finally:
         engine.dispose()
