@@ -213,13 +213,33 @@ def _insert(conn: sa.Connection, table: str, columns: tuple[str, ...], rows: lis
     executemany on SQLite."""
     if conn.dialect.name == "postgresql":
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        types = _column_types(cursor, table, columns)
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+        with cursor.copy(sql) as copy:  # binary: no float -> text -> float on either side
+            copy.set_types(types)
             for row in rows:
                 copy.write_row(row)
         return
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
     conn.exec_driver_sql(sql, rows)
+
+
+_COLUMN_TYPES: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+
+
+def _column_types(cursor: Any, table: str, columns: tuple[str, ...]) -> list[int]:
+    """The PostgreSQL type oids of `columns` (a binary COPY names them), read once."""
+    key = (table, columns)
+    if key not in _COLUMN_TYPES:
+        cursor.execute(
+            "SELECT attname, atttypid::int FROM pg_attribute"
+            " WHERE attrelid = %s::regclass AND attnum > 0",
+            (table,),
+        )
+        oids = dict(cursor.fetchall())
+        _COLUMN_TYPES[key] = [oids[c] for c in columns]
+    return _COLUMN_TYPES[key]
 
 
 def _pack(values: tuple[Any, ...]) -> tuple[bytes, bool]:
