@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,7 +12,10 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 PG_ADMIN_URL = os.environ.get("GRADWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,3 +118,17 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+R = TypeVar("R")
+
+
+def run_async(main: Callable[[], Awaitable[R]]) -> R:
+    """`asyncio.run(main())` on a thread of its own: the browser tests' Playwright (sync API)
+    leaves an event loop set on the main thread, where asyncio.run refuses to start."""
+
+    async def wrapped() -> R:
+        return await main()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wrapped()).result()

@@ -15,7 +15,7 @@ from server import livefeed
 from server.errors import RunNotFound
 from tests.server.conftest import make_run
 from tests.server.multiprocess_support import SseReader, ok
-from tests.support import ServerProcess
+from tests.support import ServerProcess, run_async
 
 
 def until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
@@ -79,6 +79,6 @@ def test_a_crowd_opening_one_run_shares_one_existence_read(client: TestClient) -
             *(hub.check_exists(unknown) for _ in range(5)), return_exceptions=True
         )
 
-    refused = asyncio.run(crowd())
+    refused = run_async(crowd)
     assert reads == 2
     assert len(refused) == 5 and all(isinstance(e, RunNotFound) for e in refused)

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from server.routes import epochs
 from tests.server.conftest import epoch, make_run
+from tests.support import run_async
 
 
 def test_concurrent_batches_are_stored_two_at_a_time(
@@ -50,7 +51,7 @@ def test_concurrent_batches_are_stored_two_at_a_time(
                 )
             )
 
-    responses = asyncio.run(post_all())
+    responses = run_async(post_all)
     assert [r.status_code for r in responses] == [200] * 8
     assert [r.json()["accepted"] for r in responses] == [2] * 8
     assert most[0] == epochs.INGEST_THREADS == 2
