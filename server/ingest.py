@@ -27,6 +27,7 @@ from client_hook import gradstats
 from server import (
     alert_store,
     alerts,
+    bulk_insert,
     epoch_blocks,
     groups,
     metrics_packed,
@@ -206,42 +207,6 @@ def _sqlite_nan(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return [tuple(models.NAN_SENTINEL if v != v else v for v in row) for row in rows]
 
 
-def _insert(conn: sa.Connection, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
-    """Straight on the driver, no per-value type processing (this is the hot path; values are
-    already in the database's form, see `_prepare`): COPY on PostgreSQL (one stream of rows,
-    not a statement per row: https://www.postgresql.org/docs/current/populate.html),
-    executemany on SQLite."""
-    if conn.dialect.name == "postgresql":
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        types = _column_types(cursor, table, columns)
-        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
-        with cursor.copy(sql) as copy:  # binary: no float -> text -> float on either side
-            copy.set_types(types)
-            for row in rows:
-                copy.write_row(row)
-        return
-    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
-    conn.exec_driver_sql(sql, rows)
-
-
-_COLUMN_TYPES: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-
-
-def _column_types(cursor: Any, table: str, columns: tuple[str, ...]) -> list[int]:
-    """The PostgreSQL type oids of `columns` (a binary COPY names them), read once."""
-    key = (table, columns)
-    if key not in _COLUMN_TYPES:
-        cursor.execute(
-            "SELECT attname, atttypid::int FROM pg_attribute"
-            " WHERE attrelid = %s::regclass AND attnum > 0",
-            (table,),
-        )
-        oids = dict(cursor.fetchall())
-        _COLUMN_TYPES[key] = [oids[c] for c in columns]
-    return _COLUMN_TYPES[key]
-
-
 def _pack(values: tuple[Any, ...]) -> tuple[bytes, bool]:
     """Bytes that identify `values` exactly (None, NaN and +/-Inf included; struct is ~30x
     faster than repr for floats), and whether any value is non-finite."""
@@ -361,13 +326,13 @@ def ingest_batch(
     opened = closed = 0
     if new:
         conn = session.connection()
-        _insert(conn, "epoch", EPOCH_COLUMNS, [p.row for p in new])
+        bulk_insert.insert_rows(conn, "epoch", EPOCH_COLUMNS, [p.row for p in new])
         task_rows = [r for p in new for r in p.task_rows]
         if task_rows:
-            _insert(conn, "task_epoch", TASK_COLUMNS, task_rows)
+            bulk_insert.insert_rows(conn, "task_epoch", TASK_COLUMNS, task_rows)
         cosine_rows = [r for p in new for r in p.cosine_rows]
         if cosine_rows:
-            _insert(conn, "pair_cosine", COSINE_COLUMNS, cosine_rows)
+            bulk_insert.insert_rows(conn, "pair_cosine", COSINE_COLUMNS, cosine_rows)
         epoch_blocks.store(conn, run_key, [(p.epoch, p.view.grad_norm_ratio) for p in new])
         in_order = run.last_epoch is None or new[0].epoch > run.last_epoch
         views = [p.view for p in new]
