@@ -82,14 +82,17 @@ def _group(rows: list[Any], n_key: int) -> dict[Any, list[Any]]:
 
 
 def _task_columns(
-    scope: metrics_select.Scope, at: str, task_ids: list[int], epochs: tuple[int, ...]
+    scope: metrics_select.Scope,
+    at: tuple[str, list[int]],
+    task_ids: list[int],
+    epochs: tuple[int, ...],
 ) -> dict[int, list[list[Any]]]:
     """Every task's columns at the epochs `at` selects, in one pass over the (run_id, epoch)
     index (a run's task rows for one epoch lie together)."""
     rows = scope.fetch(
         f"SELECT task_id, epoch, {TASK_COLUMNS} FROM task_epoch WHERE run_id = {scope.mark} "
-        f"AND {at}",
-        [scope.key],
+        f"AND {at[0]}",
+        [scope.key, *at[1]],
     )
     by_task = _group(rows, 1)
     width = len(models.TASK_FIELDS)
@@ -97,14 +100,14 @@ def _task_columns(
 
 
 def _cosine_columns(
-    scope: metrics_select.Scope, at: str, epochs: tuple[int, ...]
+    scope: metrics_select.Scope, at: tuple[str, list[int]], epochs: tuple[int, ...]
 ) -> list[tuple[int, int, list[Any]]]:
     """(a, b, values) for every task pair with a value at the epochs `at` selects, ordered by
     task ids."""
     rows = scope.fetch(
         f"SELECT task_a_id, task_b_id, epoch, value FROM pair_cosine WHERE run_id = "
-        f"{scope.mark} AND {at}",
-        [scope.key],
+        f"{scope.mark} AND {at[0]}",
+        [scope.key, *at[1]],
     )
     found = _group(rows, 2)
     return [(a, b, _align(found.get((a, b), []), epochs, 1, first=2)[0])
@@ -220,13 +223,18 @@ def _metrics_data(
 
 
 def group_columns(
-    scope: metrics_select.Scope, at: str, epochs: list[int], all_tasks: list[str], wanted: set[str]
+    scope: metrics_select.Scope,
+    at: tuple[str, list[int]],
+    epochs: list[int],
+    all_tasks: list[str],
+    wanted: set[str],
 ) -> list[dict[str, Any]]:
     """The per-group columns at the epochs `at` selects (the same epochs as every other
     column: downsampling keeps the group numbers of the epochs it keeps)."""
     rows = scope.fetch(
-        f"SELECT epoch, groups_json FROM epoch WHERE {scope.where} AND {at} "
-        "AND groups_json IS NOT NULL"
+        f"SELECT epoch, groups_json FROM epoch WHERE {scope.where} AND {at[0]} "
+        "AND groups_json IS NOT NULL",
+        [*scope.params, *at[1]],
     )
     return group_series(rows, epochs, all_tasks, wanted)
 

@@ -82,10 +82,11 @@ def _scanned_extremes(scope: Scope, size: int, first: int, last: int) -> set[int
 def _stored_extremes(scope: Scope, size: int, first: int, last: int) -> set[int]:
     """The kept epochs of whole buckets `first`..`last`, from `epoch_block` (one range read
     of its primary key, a row per bucket)."""
+    m = scope.mark
     rows = scope.fetch(
         f"SELECT first_epoch, min_ratio_epoch, max_ratio_epoch FROM epoch_block WHERE run_id = "
-        f"{scope.mark} AND block_size = {size} AND block_index BETWEEN {first} AND {last}",
-        [scope.key],
+        f"{m} AND block_size = {m} AND block_index BETWEEN {m} AND {m}",
+        [scope.key, size, first, last],
     )
     return epoch_blocks.kept_in_blocks(rows)
 
@@ -144,10 +145,14 @@ class Selection:
     def names(self) -> dict[int, str]:
         return dict(self.task_rows)
 
-    def at(self, epochs: Sequence[int]) -> str:
+    def at(self, epochs: Sequence[int]) -> tuple[str, list[int]]:
+        """The filter on `epoch` that selects `epochs`, and its parameters. A range is bound,
+        not inlined: the live feed reads a new range per epoch, and one SQL text is parsed
+        and cached once by the driver (psycopg caches queries by their text: a new text per
+        read filled its caches with entries that outlived a crowd of viewers, RSS too)."""
         if self.downsampled:
-            return f"epoch IN ({ints(epochs)})"
-        return f"epoch BETWEEN {epochs[0]} AND {epochs[-1]}"
+            return f"epoch IN ({ints(epochs)})", []
+        return f"epoch BETWEEN {self.scope.mark} AND {self.scope.mark}", [epochs[0], epochs[-1]]
 
 
 def select(
