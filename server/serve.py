@@ -11,7 +11,11 @@ Memory: after a crowd of live viewers has left, CPython's small-object arenas st
 RSS stays ~30% above its idle value (bench/fanout.py). Measured with sys._debugmallocstats: the
 live bytes are back where they were (50.0 vs 50.5 MB) but the arenas went from 50 to 77-79,
 with ~1,600 of their 16 KiB pools empty; a few hundred objects allocated during the crowd
-(pooled connections' caches, worker threads) keep each arena alive. `PYTHONMALLOC=malloc
+(pooled connections' caches, worker threads) keep each arena alive. Ruled out by measurement:
+bounding the live feed's reads to two threads (+30% after), binding the feed's SQL parameters
+(+28%), and all five of our middlewares (removed: peak 135 -> 132 MiB, +27% after); the
+~28 KiB per viewer is the connection's own stack (uvicorn's protocol, Starlette's streaming
+response and task group, ~33 coroutines and ~190 tracked objects). `PYTHONMALLOC=malloc
 gradwatch serve` puts objects on glibc's malloc instead, whose freed memory the live feed's
 malloc_trim returns (+5-8% after the crowd), but it costs 10-25% of bulk ingest throughput
 (SQLite and PostgreSQL), so it is the operator's choice, not the default.
