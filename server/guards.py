@@ -68,6 +68,12 @@ class HostCheckMiddleware:
         await _refuse(scope, receive, send, 400, HOST_NOT_ALLOWED, detail)
 
 
+def declares_body(headers: dict[bytes, bytes]) -> bool:
+    """The request says a body follows (a non-zero Content-Length, or chunked)."""
+    length = headers.get(b"content-length", b"0").strip()
+    return length not in (b"0", b"") or b"transfer-encoding" in headers
+
+
 class JsonBodyMiddleware:
     """415 for a body on an /api write that is not JSON (`text/plain` is what a cross-site
     page can send without a preflight). Requests without a body pass (a heartbeat, DELETE)."""
@@ -84,10 +90,8 @@ class JsonBodyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        has_body = headers.get(b"content-length", b"0").strip() not in (b"0", b"")
-        has_body = has_body or b"transfer-encoding" in headers
         content_type = headers.get(b"content-type", b"").decode("latin-1")
-        if not has_body or is_json(content_type):
+        if not declares_body(headers) or is_json(content_type):
             await self.app(scope, receive, send)
             return
         detail = [{"field": "Content-Type", "message": f"expected {JSON_TYPE}, "
@@ -97,13 +101,14 @@ class JsonBodyMiddleware:
 
 class BodyTimeoutMiddleware:
     """408 and close when the client stops sending a body it declared for `seconds` (uvicorn
-    has no such timeout: the connection would wait forever)."""
+    has no such timeout: the connection would wait forever). A request that declares no body
+    passes untouched (a live stream keeps no wrappers of ours for its whole life)."""
 
     def __init__(self, app: ASGIApp, seconds: float) -> None:
         self.app, self.seconds = app, seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not declares_body(dict(scope["headers"])):
             await self.app(scope, receive, send)
             return
         started = body_done = False

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
+from starlette.types import Receive, Scope, Send
 
 from server import feed_reads, livefeed, queries, schemas
 from server.errors import InvalidInput
@@ -43,7 +44,51 @@ MAX_STREAM_SECONDS = 120.0
 RETRY_MS = 2000
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
-E = TypeVar("E", str, bytes)
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream response that watches for the client's disconnect with one task
+    of its own, where Starlette's `StreamingResponse` (under an ASGI 2.3 server such as
+    uvicorn) opens a task group of two: what each open stream keeps alive is ~5 KiB less
+    (1,000 viewers, bench/fanout.py: peak RSS 135 -> 130 MiB), and memory a crowd of
+    viewers leaves fragmented shrinks with it. The stream ends when its events end or the
+    client goes; the events' generator is closed either way (its cleanup runs now)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # noqa: BLE001 - the server's receive failed: treat as gone
+                pass
+            gone = True
+            task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # cancelled from outside (shutdown): not ours to swallow
+            task.uncancel()
+        except OSError:  # an ASGI 2.4 server: send raises once the client is gone
+            pass
+        except Exception as exc:
+            # the database went away: the stream just ends (no traceback; the outage is
+            # logged once by server/outage.py, and the reconnect answers 503)
+            watch_db = scope["app"].state.database_watch
+            if not watch_db.is_outage(exc):
+                raise
+            watch_db.went_down(exc)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 def sse(event: str, data: str, event_id: int | None = None) -> str:
@@ -54,19 +99,6 @@ def sse(event: str, data: str, event_id: int | None = None) -> str:
 async def in_session(request: Request, fn: Callable[[Session], T]) -> T:
     """Run `fn` with a fresh read session in the thread pool (the DB drivers are blocking)."""
     return await livefeed.hub_of(request.app).read(fn)
-
-
-async def until_outage(request: Request, events: AsyncIterator[E]) -> AsyncIterator[E]:
-    """`events` until the database goes away: then the stream just ends (no traceback; the
-    outage is logged once by server/outage.py, and the reconnect answers 503)."""
-    try:
-        async for event in events:
-            yield event
-    except Exception as exc:
-        watch = request.app.state.database_watch
-        if not watch.is_outage(exc):
-            raise
-        watch.went_down(exc)
 
 
 def parse_cursor(since: int | None, last_event_id: str | None) -> int | None:
@@ -149,12 +181,12 @@ async def run_stream(
     run_id: uuid.UUID,
     since: Annotated[int | None, Query(ge=0, le=MAX_INT63)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
+) -> EventStream:
     """Live epochs of one run (see module docstring). 404 for an unknown run."""
     cursor = parse_cursor(since, last_event_id)
     await livefeed.hub_of(request.app).check_exists(run_id)  # raises RunNotFound
-    events = until_outage(request, run_events(request, run_id, cursor))
-    return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
+    events = run_events(request, run_id, cursor)
+    return EventStream(events, media_type="text/event-stream", headers=HEADERS)
 
 
 async def list_events(request: Request, filters: dict[str, Any], offset: int) -> AsyncIterator[str]:
@@ -191,9 +223,9 @@ async def runs_stream(
     status: str | None = None,
     flagged: str | None = None,
     offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
-) -> StreamingResponse:
+) -> EventStream:
     """The runs list page, re-sent whenever a run in it changes."""
     filters = runs_filters(project, status, flagged)
     await in_session(request, lambda s: s.execute(sa.text("SELECT 1")))  # database down: 503 now
-    events = until_outage(request, list_events(request, filters, offset))
-    return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
+    events = list_events(request, filters, offset)
+    return EventStream(events, media_type="text/event-stream", headers=HEADERS)

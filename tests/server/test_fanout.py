@@ -82,3 +82,51 @@ def test_a_crowd_opening_one_run_shares_one_existence_read(client: TestClient) -
     refused = run_async(crowd)
     assert reads == 2
     assert len(refused) == 5 and all(isinstance(e, RunNotFound) for e in refused)
+
+
+def test_a_viewer_that_leaves_is_unsubscribed_and_the_others_carry_on(settings: Any) -> None:
+    """A stream whose client closes its connection mid-stream ends on the server (its
+    events' cleanup runs: the hub forgets the viewer), while a second viewer of the same
+    run keeps getting epochs. A real uvicorn server on a thread of this process, so that
+    the hub can be looked at; the disconnect is a real socket close."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from server.main import create_app
+    from tests.support import free_port
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        until(lambda: server.started)
+        url = f"http://127.0.0.1:{port}"
+        run_id = ok(url, "POST", "/api/runs", {"name": "r", "tasks": ["rul", "health"]})["id"]
+        leaving = socket.create_connection(("127.0.0.1", port))
+        leaving.sendall(
+            f"GET /api/runs/{run_id}/stream?since=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
+        assert leaving.recv(4096).startswith(b"HTTP/1.1 200")
+        staying = SseReader(url, run_id)
+        staying.start()
+        feed = uuid.UUID(run_id)
+
+        def viewers() -> int:  # the hub of the server's event loop, once a stream made it
+            hub = getattr(app.state, "live_hub", None)
+            return hub.feeds[feed].viewers if hub is not None and feed in hub.feeds else 0
+
+        until(lambda: viewers() == 2)
+        leaving.close()
+        until(lambda: viewers() == 1)
+        ok(url, "POST", f"/api/runs/{run_id}/epochs", {"epochs": [record(0), record(1)]})
+        until(lambda: staying.epochs == [0, 1])
+        ok(url, "PATCH", f"/api/runs/{run_id}", {"status": "finished"})
+        staying.join(30)
+        assert staying.ended == {"status": "finished"}
+    finally:
+        server.should_exit = True
+        thread.join(10)
