@@ -15,7 +15,8 @@ empty: each open stream holds ~23 KiB of small objects (uvicorn's protocol, Fast
 Starlette's layers: ~29 coroutines, ~140 tracked objects), and what is made while the crowd
 watches and lives on (the feed's logs of the epochs that arrived, new pooled connections and
 worker threads) lands among them and keeps their arenas. Tried, no change: bounding the feed's
-reads to two threads, binding its SQL parameters, routing the streams outside included routers;
+reads to two threads, or to threads that never retire (the worker threads stayed at 5 through
+the crowd), binding its SQL parameters, routing the streams outside included routers;
 without any of our five middlewares (not an option) the peak is 3 MiB lower, +20% after.
 `PYTHONMALLOC=malloc gradwatch serve` puts objects
 on glibc's malloc instead, whose freed memory the live feed's malloc_trim returns (+5-8% after
