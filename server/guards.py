@@ -124,7 +124,7 @@ class BodyTimeoutMiddleware:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.seconds)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 raise _BodyTimeout from None
             body_done = message["type"] != "http.request" or not message.get("more_body")
             return message

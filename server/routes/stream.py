@@ -75,7 +75,8 @@ class EventStream(StreamingResponse):
         except asyncio.CancelledError:
             if not gone:
                 raise  # cancelled from outside (shutdown): not ours to swallow
-            task.uncancel()
+            if hasattr(task, "uncancel"):  # Python 3.11+; 3.10 consumed the request here
+                task.uncancel()
         except OSError:  # an ASGI 2.4 server: send raises once the client is gone
             pass
         except Exception as exc:
@@ -211,7 +212,7 @@ async def list_events(request: Request, filters: dict[str, Any], offset: int) ->
                 return
             try:
                 await asyncio.wait_for(hub.list_waiter().wait(), min(left, HEARTBEAT_SECONDS))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 yield ": ping\n\n"
         await asyncio.sleep(POLL_SECONDS)
 
