@@ -4,18 +4,22 @@ starts from the feed, and every viewer gets every later epoch once."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import uvicorn
 from fastapi.testclient import TestClient
 
 from server import livefeed
 from server.errors import RunNotFound
+from server.main import create_app
 from tests.server.conftest import make_run
 from tests.server.multiprocess_support import SseReader, ok
-from tests.support import ServerProcess, run_async
+from tests.support import ServerProcess, free_port, run_async
 
 
 def until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
@@ -89,14 +93,6 @@ def test_a_viewer_that_leaves_is_unsubscribed_and_the_others_carry_on(settings: 
     events' cleanup runs: the hub forgets the viewer), while a second viewer of the same
     run keeps getting epochs. A real uvicorn server on a thread of this process, so that
     the hub can be looked at; the disconnect is a real socket close."""
-    import socket
-    import threading
-
-    import uvicorn
-
-    from server.main import create_app
-    from tests.support import free_port
-
     app = create_app(settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
