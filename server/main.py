@@ -59,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api_docs.install(app)
     app.mount("/static", StaticFiles(directory=asset_dir("static")), name="static")
     # Outermost last: security headers on every answer, then Host, then the body's type,
-    # its arrival in time, its size.
+    # its arrival in time, its size; innermost, the live streams that are in order.
+    app.add_middleware(stream.RunStreams)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout)
     app.add_middleware(JsonBodyMiddleware)

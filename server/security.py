@@ -83,7 +83,7 @@ async def require_write(request: Request, creds: Credentials) -> None:
     _check(request.app.state.settings, creds)
 
 
-async def require_read(request: Request, creds: Credentials) -> None:
+def read_allowed(request: Request, creds: HTTPAuthorizationCredentials | None) -> bool:
     """Reads need the bearer token or the session cookie, only with GRADWATCH_PROTECT_READS.
     Sets `request.state.session_cookie` (a valid cookie came along) for the page header."""
     settings: Settings = request.app.state.settings
@@ -91,10 +91,14 @@ async def require_read(request: Request, creds: Credentials) -> None:
     by_cookie = bool(token) and session_valid(token or "", request.cookies.get(SESSION_COOKIE))
     request.state.session_cookie = by_cookie
     if not token or not settings.protect_reads or by_cookie:
-        return
-    if creds is not None and token_matches(token, creds.credentials):
-        return
-    raise Unauthorized() if wants_json(request) else LoginRequired()
+        return True
+    return creds is not None and token_matches(token, creds.credentials)
+
+
+async def require_read(request: Request, creds: Credentials) -> None:
+    """The dependency of every read route: `read_allowed`, or 401 (the login form for a page)."""
+    if not read_allowed(request, creds):
+        raise Unauthorized() if wants_json(request) else LoginRequired()
 
 
 class _TooLarge(Exception):

@@ -7,21 +7,17 @@ error when the port is taken. Several `gradwatch serve` processes, on one machin
 may share one PostgreSQL database: they keep no state of their own (server.livefeed).
 
 Memory: after a crowd of live viewers has left, CPython's small-object arenas stay fragmented
-(an arena goes back to the system only once every object in it is freed): with 1,000 viewers on
-one process, RSS stays ~22% above its idle value (bench/fanout.py; ~30% before each stream kept
-less, server.routes.stream.EventStream). sys._debugmallocstats shows the live bytes back where
-they were (50.0 vs 50.5 MB) but the arenas grown from 50 to ~78, most of their 16 KiB pools
-empty: each open stream holds ~23 KiB of small objects (uvicorn's protocol, FastAPI's and
-Starlette's layers: ~29 coroutines, ~140 tracked objects), and what is made while the crowd
-watches and lives on (the feed's logs of the epochs that arrived, new pooled connections and
-worker threads) lands among them and keeps their arenas. Tried, no change: bounding the feed's
-reads to two threads, or to threads that never retire (the worker threads stayed at 5 through
-the crowd), binding its SQL parameters, routing the streams outside included routers;
-without any of our five middlewares (not an option) the peak is 3 MiB lower, +20% after.
-`PYTHONMALLOC=malloc gradwatch serve` puts objects
-on glibc's malloc instead, whose freed memory the live feed's malloc_trim returns (+5-8% after
-the crowd), but it costs 10-25% of bulk ingest throughput (SQLite and PostgreSQL), so it is the
-operator's choice, not the default.
+(an arena goes back to the system only once every object in it is freed): what each open
+stream keeps decides how many arenas a crowd dirties. With 1,000 viewers on one process
+(bench/fanout.py, PostgreSQL) RSS stays +16% above idle (peak 119-120 MiB, idle 100), since
+streams in order skip FastAPI's request handling (server.routes.stream.RunStreams; +22%
+before, peak 129; +28-30% before EventStream). sys._debugmallocstats showed the live bytes
+back where they were (50.0 vs 50.5 MB) but the arenas grown from 50 to ~78. Tried before
+RunStreams, no change: bounding the feed's reads to two threads, or to threads that never
+retire, binding its SQL parameters, routing the streams outside included routers.
+`PYTHONMALLOC=malloc gradwatch serve` puts objects on glibc's malloc instead, whose freed
+memory the live feed's malloc_trim returns, but it costs 10-25% of bulk ingest throughput
+(SQLite and PostgreSQL), so it is the operator's choice, not the default.
 """
 
 from __future__ import annotations
