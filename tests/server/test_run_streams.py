@@ -113,7 +113,8 @@ def test_protected_reads_need_credentials_before_streaming(settings: Settings) -
         auth = {"Authorization": f"Bearer {TOKEN}"}
         r = client.post("/api/runs", json={"name": "r", "tasks": ["a", "b"]}, headers=auth)
         run_id = r.json()["id"]
-        client.patch(f"/api/runs/{run_id}", json={"status": "finished"}, headers=auth)
+        r = client.patch(f"/api/runs/{run_id}", json={"status": "finished"}, headers=auth)
+        assert r.status_code == 200
         probe = Probe(app)
         http = TestClient(probe)
         assert http.get(f"/api/runs/{run_id}/stream").text == "the route"  # no credentials
