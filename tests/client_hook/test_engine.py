@@ -2,11 +2,15 @@
 
 Each case trains a small multi-task model for a few steps with ``sample_every=1``; the epoch
 record must equal the mean over the steps of an independent computation (per-task
-``autograd.grad`` on the shared parameters, per group and for the whole trunk)."""
+``autograd.grad`` on the shared parameters, per group and for the whole trunk).
+
+On the CPU by default; ``GRADWATCH_TEST_DEVICE=cuda`` runs every case on a GPU (the same
+model and data, moved there)."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import pytest
@@ -17,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from client_hook import GradMonitor, GradwatchWarning
 from client_hook.engine import param_groups
+
+DEVICE = torch.device(os.environ.get("GRADWATCH_TEST_DEVICE", "cpu"))
 
 
 class Net(nn.Module):
@@ -110,7 +116,7 @@ def train(
     **monitor_kwargs,
 ) -> tuple[dict, list[dict], GradMonitor]:
     torch.manual_seed(0)
-    net = net if net is not None else Net(tasks)
+    net = (net if net is not None else Net(tasks)).to(DEVICE)
     forward = model if model is not None else net
     opt = opt_factory(net) if opt_factory else torch.optim.SGD(net.parameters(), lr=1e-3)
     weights = {f"t{k}": 0.5 + k for k in range(tasks)}
@@ -121,7 +127,10 @@ def train(
     gen = torch.Generator().manual_seed(1)
     refs = []
     for _ in range(steps):
-        x, y = torch.randn(32, 6, generator=gen), torch.randn(32, generator=gen)
+        x, y = (
+            torch.randn(32, 6, generator=gen).to(DEVICE),
+            torch.randn(32, generator=gen).to(DEVICE),
+        )
         losses = task_losses(forward(x), y)
         refs.append(reference(net, losses))
         monitor.observe(losses, weights=weights)
@@ -156,7 +165,7 @@ def test_torch_compile_matches_autograd(tmp_path):
 
 
 def test_grad_scaler_matches_autograd(tmp_path):
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=1024.0)
     record, refs, monitor = train(tmp_path, backward=lambda total: scaler.scale(total).backward())
     check(record, refs)
     assert monitor.measurer.reuse and not monitor.warn.messages
@@ -216,7 +225,7 @@ def test_gradient_accumulation_describes_the_optimizer_step(tmp_path, reuse_back
     """4 micro-batches per optimizer step, observe() on each: the numbers are those of the
     step's full batch."""
     torch.manual_seed(0)
-    net = Net(2)
+    net = Net(2).to(DEVICE)
     opt = torch.optim.SGD(net.parameters(), lr=1e-2)
     weights = {"t0": 0.5, "t1": 1.5}
     monitor = GradMonitor(
@@ -226,7 +235,10 @@ def test_gradient_accumulation_describes_the_optimizer_step(tmp_path, reuse_back
     gen = torch.Generator().manual_seed(1)
     refs = []
     for _ in range(3):
-        x, y = torch.randn(64, 6, generator=gen), torch.randn(64, generator=gen)
+        x, y = (
+            torch.randn(64, 6, generator=gen).to(DEVICE),
+            torch.randn(64, generator=gen).to(DEVICE),
+        )
         refs.append(reference(net, task_losses(net(x), y)))  # the full batch
         for mx, my in zip(x.chunk(4), y.chunk(4), strict=True):
             losses = task_losses(net(mx), my)
@@ -242,12 +254,12 @@ def test_gradient_accumulation_describes_the_optimizer_step(tmp_path, reuse_back
 
 
 def test_accumulation_left_unfinished_at_the_epoch_end_is_measured(tmp_path):
-    net = Net(2)
+    net = Net(2).to(DEVICE)
     monitor = GradMonitor(
         net.shared, ["t0", "t1"], local_path=tmp_path / "r.jsonl", accumulation_steps=4
     )
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 6, generator=gen), torch.randn(32, generator=gen)
+    x, y = torch.randn(32, 6, generator=gen).to(DEVICE), torch.randn(32, generator=gen).to(DEVICE)
     ref = reference(net, task_losses(net(x), y))
     for mx, my in zip(x.chunk(2), y.chunk(2), strict=True):  # 2 of 4 micro-batches
         losses = task_losses(net(mx), my)
