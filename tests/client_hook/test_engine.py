@@ -25,6 +25,13 @@ from client_hook.engine import param_groups
 DEVICE = torch.device(os.environ.get("GRADWATCH_TEST_DEVICE", "cpu"))
 
 
+def batch(gen: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` inputs of 6 features and their targets, drawn on the CPU, on `DEVICE`."""
+    return torch.randn(size, 6, generator=gen).to(DEVICE), torch.randn(size, generator=gen).to(
+        DEVICE
+    )
+
+
 class Net(nn.Module):
     """A 2-group trunk (`first`, `second`) and one head per task."""
 
@@ -127,10 +134,7 @@ def train(
     gen = torch.Generator().manual_seed(1)
     refs = []
     for _ in range(steps):
-        x, y = (
-            torch.randn(32, 6, generator=gen).to(DEVICE),
-            torch.randn(32, generator=gen).to(DEVICE),
-        )
+        x, y = batch(gen, 32)
         losses = task_losses(forward(x), y)
         refs.append(reference(net, losses))
         monitor.observe(losses, weights=weights)
@@ -235,10 +239,7 @@ def test_gradient_accumulation_describes_the_optimizer_step(tmp_path, reuse_back
     gen = torch.Generator().manual_seed(1)
     refs = []
     for _ in range(3):
-        x, y = (
-            torch.randn(64, 6, generator=gen).to(DEVICE),
-            torch.randn(64, generator=gen).to(DEVICE),
-        )
+        x, y = batch(gen, 64)
         refs.append(reference(net, task_losses(net(x), y)))  # the full batch
         for mx, my in zip(x.chunk(4), y.chunk(4), strict=True):
             losses = task_losses(net(mx), my)
@@ -259,7 +260,7 @@ def test_accumulation_left_unfinished_at_the_epoch_end_is_measured(tmp_path):
         net.shared, ["t0", "t1"], local_path=tmp_path / "r.jsonl", accumulation_steps=4
     )
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 6, generator=gen).to(DEVICE), torch.randn(32, generator=gen).to(DEVICE)
+    x, y = batch(gen, 32)
     ref = reference(net, task_losses(net(x), y))
     for mx, my in zip(x.chunk(2), y.chunk(2), strict=True):  # 2 of 4 micro-batches
         losses = task_losses(net(mx), my)
